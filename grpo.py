@@ -1,0 +1,930 @@
+"""GRPO from scratch: fine-tune Qwen2.5-1.5B-Instruct on GSM8K with Group Relative Policy Optimization.
+
+GRPO (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300) is PPO without the critic. For every prompt
+it samples a *group* of G completions, scores each with a rule-based reward, and uses how much better
+than its group a completion did as the advantage of every one of its tokens. Those advantages enter
+PPO's clipped objective, with a KL penalty that keeps the policy near a frozen reference model.
+
+Read this file top to bottom; it is ordered like the tutorial it follows:
+    1. prompts and answer extraction    5. the GRPO loss
+    2. rewards                          6. rollouts (sampling completions) and evaluation
+    3. group-relative advantages        7. the training loop (DataParallel on every visible GPU)
+    4. per-token log-probabilities      8. the command line
+
+Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
+    - advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased (sample) std, one value
+      for every token of completion i; a group whose rewards are all equal gives A = 0 (no signal);
+    - ratio      rho_t = exp(log pi_theta(o_t) - log pi_old(o_t)), clipped to [1 - epsilon, 1 + epsilon];
+    - KL         the k3 estimator  exp(q - p) - (q - p) - 1  with p = log pi_theta, q = log pi_ref,
+                 subtracted per token with weight beta (beta = 0: no reference model at all);
+    - reduction  token mean within each completion (first end-of-sequence token included), then the
+                 mean over completions, as in the paper's 1/G sum_i 1/|o_i| sum_t;
+    - mu         policy updates per batch of rollouts; pi_old is the policy that sampled them.
+
+One training step (the numbered phases of train_with_grpo):
+    1) take B prompts from the training set
+    2) roll out G completions per prompt with the current policy (KV cache, eval mode, no grad)
+    3) score them: rewards -> group-relative advantages
+    4) score the completions under the reference model (when beta > 0)
+    5) mu times: loss over micro-batches, gradients accumulated, clipped, one AdamW step
+    6) log (and every few steps, print a sample completion)
+
+Commands:
+    python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
+    CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
+    python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \
+        --max_completion_length 32 --eval_size 4                    # CPU smoke run
+
+Shape letters used in comments:
+    B prompts per step, G completions per prompt (num_generations), N = B * G sequences,
+    P prompt tokens (left-padded), T completion tokens, V vocabulary size.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import datasets
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# ------------------------------------------------------------------------------------------------
+# 1. Prompts and answer extraction
+# ------------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+
+
+def build_prompt(tokenizer, question: str) -> str:
+    """The text the model continues: system prompt + question in the model's own chat format.
+
+    An instruct model was trained on its chat template; joining strings by hand gives it a format it
+    never saw. add_generation_prompt=True ends the text with the assistant header, so the model's
+    next token is the first token of its answer.
+    """
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def extract_answer_from_model_output(text: str) -> str | None:
+    """Content of the last <answer>...</answer> block, stripped.
+
+    None when there is no <answer> tag, when the last one is never closed, or when the model copied the
+    template's placeholder "...".
+
+    >>> extract_answer_from_model_output("<reasoning>2+2</reasoning><answer> 4 </answer>")
+    '4'
+    """
+    parts = text.split("<answer>")
+    if len(parts) < 2:
+        return None
+    last = parts[-1]
+    if "</answer>" not in last:
+        return None
+    answer = last.split("</answer>")[0].strip()
+    return None if answer == "..." else answer
+
+
+def extract_answer_from_dataset(text: str) -> str | None:
+    """GSM8K's final answer: the part after the '####' delimiter, stripped; None without it.
+
+    >>> extract_answer_from_dataset("48/2 = <<48/2=24>>24\\n#### 72")
+    '72'
+    """
+    if "####" not in text:
+        return None
+    return text.split("####", 1)[1].strip()
+
+
+# A number: optional sign, digits with an optional decimal part (or a bare ".5").
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)")
+# A thousands separator: a comma between a digit and exactly three digits ("1,080" -> "1080").
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def _numbers(text: str) -> list[float]:
+    """Every number in text, in order, after dropping '$', '%' and thousands commas."""
+    text = _THOUSANDS_COMMA.sub("", text.replace("$", "").replace("%", ""))
+    return [float(m) for m in _NUMBER.findall(text)]
+
+
+def extract_single_number(text: str) -> float | None:
+    """The number in text when it holds exactly one, else None.
+
+    >>> extract_single_number("$1,080.50")
+    1080.5
+    >>> extract_single_number("3 or 4") is None
+    True
+    """
+    numbers = _numbers(text)
+    return numbers[0] if len(numbers) == 1 else None
+
+
+def extract_last_number(text: str) -> float | None:
+    """The last number in text, or None; used for lenient accuracy ("the answer is 72.")."""
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+class DataError(ValueError):
+    """A data set or model that cannot be used; main() prints its message as one line and exits 1."""
+
+
+def _gsm8k_rows(source: str, split: str) -> list[dict]:
+    """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
+    if source.endswith((".json", ".jsonl")):
+        if not os.path.isfile(source):
+            raise DataError(f"data file not found: {source}")
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise DataError(f"data file is empty: {source}")
+        try:
+            if text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
+    if os.path.exists(source):
+        raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
+    try:
+        return list(datasets.load_dataset(source, "main", split=split))
+    except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}") from None
+
+
+def load_gsm8k(source: str, split: str = "train") -> list[dict]:
+    """GSM8K-style examples as [{"question": str, "answer": str}], the answer being the part after '####'.
+
+    source is a hub name ("openai/gsm8k", config "main") or a local .json/.jsonl file with the same
+    `question` / `answer` fields. Rows whose answer has no '####' are skipped and counted; an error is
+    raised only if no row remains.
+    """
+    rows = _gsm8k_rows(source, split)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
+    if not rows:
+        raise DataError(f"{source}: no examples")
+    missing = {"question", "answer"} - set(rows[0])
+    if missing:
+        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {sorted(missing)}")
+    examples, skipped = [], 0
+    for row in rows:
+        answer = extract_answer_from_dataset(str(row.get("answer", "")))
+        if answer is None or not str(row.get("question", "")).strip():
+            skipped += 1
+            continue
+        examples.append({"question": str(row["question"]), "answer": answer})
+    if not examples:
+        raise DataError(f"{source}: none of the {len(rows)} rows has a question and an answer with '####'")
+    if skipped:
+        print(f"{source}: skipped {skipped} of {len(rows)} rows without a question or a '####' answer")
+    return examples
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Rewards: rule-based, checkable by string comparison, no reward model
+# ------------------------------------------------------------------------------------------------
+
+FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+
+
+def correctness_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """2.0 if the <answer> content equals the reference answer as a string, 1.5 if it holds the same
+    single number ("$1,080" for "1080"), else 0.0 (also for a missing or unclosed <answer>)."""
+    rewards = []
+    for completion, answer in zip(completions, answers, strict=True):
+        predicted = extract_answer_from_model_output(completion)
+        if predicted is None:
+            rewards.append(0.0)
+        elif predicted == answer:
+            rewards.append(2.0)
+        else:
+            p, a = extract_single_number(predicted), extract_single_number(answer)
+            rewards.append(1.5 if p is not None and p == a else 0.0)
+    return rewards
+
+
+def format_reward(completions: list[str]) -> list[float]:
+    """0.2 for each of <reasoning>, </reasoning>, <answer>, </answer> that appears (0.0 to 0.8).
+
+    A partial, per-tag reward gives the policy a gradient towards the format long before it produces
+    the whole template at once.
+    """
+    return [0.2 * sum(tag in completion for tag in FORMAT_TAGS) for completion in completions]
+
+
+def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """correctness (0 to 2.0) + format (0 to 0.8): the scalar reward r_i of each completion, 0 to 2.8."""
+    correct, formatted = correctness_reward(completions, answers), format_reward(completions)
+    return [c + f for c, f in zip(correct, formatted)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Group-relative advantages: the part of GRPO that replaces PPO's critic
+# ------------------------------------------------------------------------------------------------
+
+
+def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4), one advantage per completion.
+
+    rewards: (N,) with N = B * G, the G completions of each prompt consecutive.
+    std is the unbiased sample std (torch's default, divisor G - 1), so G must be at least 2.
+    The 1e-4 keeps a group whose completions all got the same reward at A = 0 instead of 0/0.
+    Returns (N, 1), ready to broadcast over the T tokens of each completion.
+
+    The worked example: rewards [1, 2, 3, 4, 5, 6] with G = 3 have group means 2 and 5 and stds 1,
+    so A = [-1, 0, 1, -1, 0, 1] (up to the 1e-4).
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)  # (N,)
+    if num_generations < 2 or rewards.numel() % num_generations:
+        raise ValueError(f"need num_generations >= 2 dividing {rewards.numel()} rewards, got {num_generations}")
+    grouped = rewards.view(-1, num_generations)  # (B, G)
+    mean = grouped.mean(dim=1, keepdim=True)  # (B, 1)
+    std = grouped.std(dim=1, keepdim=True)  # (B, 1), unbiased
+    advantages = (grouped - mean) / (std + 1e-4)  # (B, G)
+    return advantages.reshape(-1, 1)  # (N, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Per-token log-probabilities
+# ------------------------------------------------------------------------------------------------
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] for one chosen token per position, without a (N, T, V) log_softmax.
+
+    log p(x) = logit[x] - logsumexp(logits). The gather is (N, T); the logsumexp runs one sequence at
+    a time in float32, so the largest temporary is (T, V) instead of another (N, T, V) tensor, and
+    bf16 logits are not reduced in bf16.
+
+    logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
+    """
+    token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float()  # (N, T)
+    log_normalizers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T)
+    return token_logits - log_normalizers  # (N, T)
+
+
+def compute_log_probs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for the last `logits_to_keep` tokens of each sequence (the completion).
+
+    input_ids, attention_mask: (N, P + T), prompt left-padded, completion after it; logits_to_keep = T.
+    Returns (N, T) float32.
+
+    The logits are divided by the sampling temperature: the completions were sampled from
+    softmax(logits / temperature), and the ratio and KL must score them under that same distribution.
+    """
+    # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
+    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (N, P + T)
+    # The logit at position t scores the token at t + 1. To score the last T tokens we need the logits
+    # of the T positions before them: keep T + 1 and drop the last, which would predict a token that
+    # comes after the sequence. The model then runs its LM head on T + 1 positions, not P + T.
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=logits_to_keep + 1,
+        use_cache=False,  # no KV cache to build: this is one full forward pass
+    ).logits  # (N, T + 1, V)
+    logits = logits[:, :-1, :] / temperature  # (N, T, V)
+    return selective_log_softmax(logits, input_ids[:, -logits_to_keep:])  # (N, T)
+
+
+def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for every completion token up to and including the first end-of-sequence token, 0 after it.
+
+    The first EOS is included: choosing to stop is an action the policy must get credit for. Tokens
+    after it are padding. Masking by comparing to the pad id would be wrong, because Qwen2.5's pad
+    token <|endoftext|> is also one of its end-of-turn tokens. A completion with no EOS (cut at the
+    length limit) keeps all its tokens.
+
+    completion_ids: (N, T) -> (N, T) int64.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (N, T)
+    num_tokens = completion_ids.size(1)
+    first_eos = torch.full((completion_ids.size(0),), num_tokens, device=completion_ids.device)  # (N,)
+    has_eos = is_eos.any(dim=1)  # (N,)
+    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]  # argmax returns the first maximum
+    positions = torch.arange(num_tokens, device=completion_ids.device)  # (T,)
+    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (N, T)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. The GRPO loss
+# ------------------------------------------------------------------------------------------------
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over sequences of the mean over each sequence's unmasked tokens: (N, T), (N, T) -> scalar.
+
+    Every completion weighs the same whatever its length (the paper's 1/G sum_i 1/|o_i| sum_t).
+    """
+    return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+
+
+def grpo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    epsilon: float,
+) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
+
+    Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
+        rho     = exp(p - p_old)
+        surr    = min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i)
+        KL      = exp(q - p) - (q - p) - 1            (>= 0, unbiased for KL(pi_theta || pi_ref))
+        obj_t   = surr - beta * KL
+    loss = - mean_i [ sum_t mask_it * obj_t / sum_t mask_it ]
+
+    log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
+    beta == 0); advantages: (N, 1); completion_mask: (N, T).
+    Returns the scalar loss and detached metrics averaged the same way: kl, clip_ratio (share of tokens
+    whose clipped term is the smaller one, i.e. that get no gradient from the surrogate).
+    """
+    assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
+    assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
+    mask = completion_mask.to(log_probs.dtype)  # (N, T)
+
+    ratio = torch.exp(log_probs - old_log_probs)  # (N, T)
+    unclipped = ratio * advantages  # (N, T)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon) * advantages  # (N, T)
+    surrogate = torch.min(unclipped, clipped)  # (N, T)
+
+    if beta != 0.0:
+        log_ratio_ref = ref_log_probs - log_probs  # (N, T)
+        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0  # (N, T)
+        objective = surrogate - beta * kl  # (N, T)
+    else:
+        kl = torch.zeros_like(log_probs)  # (N, T)
+        objective = surrogate  # (N, T)
+
+    loss = -masked_sequence_mean(objective, mask)
+    metrics = {
+        "kl": masked_sequence_mean(kl.detach(), mask),
+        "clip_ratio": masked_sequence_mean((clipped < unclipped).to(mask.dtype), mask),
+    }
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Rollouts and evaluation, through DataParallel
+# ------------------------------------------------------------------------------------------------
+# nn.DataParallel splits a module's tensor inputs along dim 0 across the visible GPUs, runs a replica
+# of the module on each share in parallel threads, and concatenates the outputs on GPU 0. To make
+# that pay, the wrapped modules below return small results: per-token log-probs (N, T) rather than
+# logits (N, T, V), and token ids padded to one fixed width. On a machine without GPUs DataParallel
+# calls the module directly, so the tests run this same code path on CPU.
+
+
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """module wrapped in nn.DataParallel over every visible GPU when device is CUDA; unchanged on CPU."""
+    if device.type == "cuda":
+        return nn.DataParallel(module)
+    # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move
+    # the work to the GPUs, so the module is left unwrapped.
+    return nn.DataParallel(module) if not torch.cuda.is_available() else module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.DataParallel) else module
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast on GPU (weights stay float32); a no-op when dtype is None or on CPU."""
+    if dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _expose_replica_parameters(module: nn.Module) -> None:
+    """Let transformers find the weights of a DataParallel replica.
+
+    A replica's weights are plain attributes, so replica.parameters() is empty (torch keeps them in
+    _former_parameters); transformers' generate() reads model.device from parameters(). Putting them
+    back into _parameters fixes that; it touches replicas only.
+    """
+    for sub in module.modules():
+        if getattr(sub, "_is_replica", False) and not sub._parameters:
+            sub._parameters = dict(getattr(sub, "_former_parameters", {}))
+
+
+class LogProbModule(nn.Module):
+    """forward(input_ids, attention_mask, logits_to_keep) -> compute_log_probs(model, ...): (N, T)."""
+
+    def __init__(self, model: nn.Module, temperature: float, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model, self.temperature, self.autocast_dtype = model, temperature, autocast_dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        # autocast is entered here, inside each replica's thread, so that every GPU runs in bf16.
+        with autocast(input_ids.device, self.autocast_dtype):
+            return compute_log_probs(self.model, input_ids, attention_mask, logits_to_keep, self.temperature)
+
+
+class GenerateModule(nn.Module):
+    """forward(prompt_ids, prompt_mask) -> (n, P + max_new_tokens) token ids, padded to that fixed width
+    so DataParallel can concatenate the replicas' outputs. temperature None means greedy decoding."""
+
+    def __init__(self, model, max_new_tokens, eos_token_ids, pad_token_id, temperature=None, autocast_dtype=None):
+        super().__init__()
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
+        self.temperature, self.autocast_dtype = temperature, autocast_dtype
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        _expose_replica_parameters(self)
+        # Every sampling parameter is given explicitly: anything left out would be filled in from the
+        # checkpoint's generation_config (Qwen2.5-Instruct ships top_k=20, top_p=0.8,
+        # repetition_penalty=1.05), sampling from a distribution that the log-probs do not score.
+        # Greedy decoding (evaluation) ignores the sampling filters, but not the repetition penalty.
+        sampling = dict(do_sample=False, repetition_penalty=1.0)
+        if self.temperature is not None:
+            sampling.update(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0)
+        with autocast(prompt_ids.device, self.autocast_dtype):
+            sequences = self.model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
+                **sampling,
+            )  # (n, P + t), t <= max_new_tokens: generate stops once every sequence has ended
+        width = prompt_ids.size(1) + self.max_new_tokens
+        return F.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new_tokens)
+
+
+def end_of_sequence_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and all of the model's
+    generation_config eos ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_completions(generator: nn.Module, tokenizer, prompts: list[str], num_generations: int,
+                         eos_token_ids: list[int], device: torch.device):
+    """Sample num_generations completions for each prompt in one batched generate call.
+
+    generator is a (DataParallel-wrapped) GenerateModule. Each prompt is repeated G times back to back,
+    so the G completions of a prompt are consecutive, as compute_group_advantages expects. Prompts are
+    left-padded so that every completion starts at the same column P.
+    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
+    the longest completion.
+    """
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    with torch.no_grad():
+        sequences = generator(prompt_ids, prompt_mask)  # (N, P + max_new_tokens)
+    completion_ids = sequences[:, prompt_ids.size(1):]  # (N, max_new_tokens)
+    completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, max_new_tokens)
+    longest = max(int(completion_mask.sum(dim=1).max()), 1)
+    return prompt_ids, prompt_mask, completion_ids[:, :longest], completion_mask[:, :longest]
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """The text of each completion, up to its first EOS, without special tokens."""
+    lengths = completion_mask.sum(dim=1).tolist()
+    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: int, batch_size: int,
+                   device: torch.device, autocast_dtype: torch.dtype | None = None, label: str = "eval") -> dict:
+    """Greedy-decoding accuracy on held-out examples.
+
+    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training
+    rewards; lenient_accuracy: the last number anywhere in the completion equals the answer, which
+    credits a right answer given without the tags.
+    """
+    was_training = model.training
+    model.eval()
+    eos_ids = end_of_sequence_ids(model, tokenizer)
+    generator = data_parallel(GenerateModule(model, max_new_tokens, eos_ids, tokenizer.pad_token_id,
+                                             temperature=None, autocast_dtype=autocast_dtype), device)
+    strict = lenient = 0
+    start_time = time.perf_counter()
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
+        answers = [ex["answer"] for ex in batch]
+        _, _, completion_ids, completion_mask = generate_completions(generator, tokenizer, prompts, 1, eos_ids, device)
+        texts = decode_completions(tokenizer, completion_ids, completion_mask)
+        strict += sum(r > 0 for r in correctness_reward(texts, answers))
+        for text, answer in zip(texts, answers):
+            predicted, expected = extract_last_number(text), extract_single_number(answer)
+            lenient += predicted is not None and predicted == expected
+        done = start + len(batch)
+        print(f"\r{label}: {progress_bar(done, len(examples))} {done}/{len(examples)}  strict {strict / done:.1%}"
+              f"  lenient {lenient / done:.1%}", end="" if done < len(examples) else "\n", flush=True)
+    model.train(was_training)
+    return {"strict_accuracy": strict / len(examples), "lenient_accuracy": lenient / len(examples),
+            "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """The example indices of training step `step` (0-based): consecutive slices of a fresh random
+    permutation per pass over the data. A pure function of its arguments, so a run is reproducible."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_examples)
+        permutation = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(permutation[offset]))
+    return indices
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated on GPU, max resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def make_reference_model(policy: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """A frozen copy of the policy: eval mode, no gradients, optionally cast (bf16 on GPU halves it)."""
+    reference = copy.deepcopy(policy)
+    if dtype is not None:
+        reference.to(dtype)
+    reference.eval().requires_grad_(False)
+    return reference
+
+
+def micro_batches(num_sequences: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+
+def train_with_grpo(
+    policy: nn.Module,
+    tokenizer,
+    examples: list[dict],
+    *,
+    num_iterations: int = 1,
+    num_steps: int = 500,
+    batch_size: int = 7,
+    num_generations: int = 4,
+    max_completion_length: int = 400,
+    mu: int = 3,
+    beta: float = 0.04,
+    epsilon: float = 0.2,
+    learning_rate: float = 5e-6,
+    weight_decay: float = 0.01,
+    max_grad_norm: float = 0.1,
+    temperature: float = 1.0,
+    micro_batch_size: int = 4,
+    bf16: bool = True,
+    seed: int = 42,
+    log_completions_steps: int = 10,
+    metrics_path: str | None = None,
+) -> list[dict]:
+    """Train `policy` in place with GRPO; returns one metrics dict per step (also appended to metrics_path).
+
+    num_iterations outer iterations, each starting with a fresh reference model copied from the current
+    policy; num_steps steps each of batch_size prompts x num_generations completions; mu AdamW updates
+    per step, pi_old being the policy that sampled the step's completions. The loss forward/backward
+    runs micro_batch_size sequences per GPU at a time with gradients accumulated, so one update equals
+    the full-batch one without holding (N, T, V) logits. bf16 autocast applies on GPU only.
+    """
+    device = next(policy.parameters()).device
+    num_devices = max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+    amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    eos_ids = end_of_sequence_ids(policy, tokenizer)
+    generator = data_parallel(GenerateModule(policy, max_completion_length, eos_ids, tokenizer.pad_token_id,
+                                             temperature, amp_dtype), device)
+    policy_log_probs = data_parallel(LogProbModule(policy, temperature, amp_dtype), device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    chunk = micro_batch_size * num_devices  # DataParallel gives each GPU micro_batch_size of these
+    total_steps, history = num_iterations * num_steps, []
+    run_start = time.perf_counter()
+
+    for iteration in range(num_iterations):
+        reference_log_probs = None
+        if beta != 0.0:  # with beta == 0 the KL term vanishes: no reference model is kept or run
+            reference = make_reference_model(policy, amp_dtype)
+            reference_log_probs = data_parallel(LogProbModule(reference, temperature, amp_dtype), device)
+
+        for step_in_iteration in range(num_steps):
+            step = iteration * num_steps + step_in_iteration  # 0-based global step
+            step_start = time.perf_counter()
+
+            # 1) take B prompts
+            batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
+            prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
+            answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N
+
+            # 2) roll out G completions per prompt. eval() turns off dropout and gradient checkpointing.
+            policy.eval()
+            prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
+                generator, tokenizer, prompts, num_generations, eos_ids, device)  # (N, P), (N, T)
+            texts = decode_completions(tokenizer, completion_ids, completion_mask)
+            rollout_seconds = time.perf_counter() - step_start
+
+            # 3) rewards -> advantages
+            correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
+            formatting = torch.tensor(format_reward(texts))  # (N,)
+            rewards = torch.tensor(combined_reward(texts, answers))  # (N,)
+            advantages = compute_group_advantages(rewards, num_generations).to(device)  # (N, 1)
+
+            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
+            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
+            num_completion_tokens = completion_ids.size(1)  # T
+            chunks = micro_batches(input_ids.size(0), chunk)
+
+            # 4) reference log-probs, once per step, without gradients
+            ref_log_probs = None
+            if reference_log_probs is not None:
+                with torch.no_grad():
+                    ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c],
+                                                                   num_completion_tokens) for c in chunks])  # (N, T)
+
+            # 5) mu policy updates on this batch
+            update_start = time.perf_counter()
+            policy.train()
+            old_log_probs = [None] * len(chunks)
+            sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+            for update in range(mu):
+                for k, c in enumerate(chunks):
+                    log_probs = policy_log_probs(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
+                    if update == 0:
+                        # The first update runs on the policy that sampled the batch, so its detached
+                        # log-probs are pi_old: no extra forward pass (and with mu == 1, rho == 1).
+                        old_log_probs[k] = log_probs.detach()
+                    loss, metrics = grpo_loss(
+                        log_probs, old_log_probs[k], None if ref_log_probs is None else ref_log_probs[c],
+                        advantages[c], completion_mask[c], beta, epsilon)
+                    weight = (c.stop - c.start) / input_ids.size(0)  # the loss is a mean over sequences
+                    (loss * weight).backward()
+                    sums["loss"] += loss.detach() * weight / mu
+                    sums["kl"] += metrics["kl"] * weight / mu
+                    sums["clip_ratio"] += metrics["clip_ratio"] * weight / mu
+                    del log_probs, loss  # free this micro-batch's graph before the next one
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sums["grad_norm"] += grad_norm / mu
+            update_seconds = time.perf_counter() - update_start
+
+            # 6) log
+            step_seconds = time.perf_counter() - step_start
+            lengths = completion_mask.sum(dim=1).float()  # (N,)
+            record = {
+                "step": step + 1,
+                "iteration": iteration + 1,
+                "reward": rewards.mean().item(),
+                "correctness_reward": correctness.mean().item(),
+                "format_reward": formatting.mean().item(),
+                "reward_std": rewards.view(-1, num_generations).std(dim=1).mean().item(),
+                **{name: float(value) for name, value in sums.items()},
+                "completion_length": lengths.mean().item(),
+                "step_seconds": step_seconds,
+                "rollout_seconds": rollout_seconds,
+                "update_seconds": update_seconds,
+                "tokens_per_second": lengths.sum().item() / step_seconds,
+                "generation_tokens_per_second": lengths.sum().item() / rollout_seconds,
+                "train_tokens_per_second": mu * attention_mask.sum().item() / update_seconds,
+            }
+            history.append(record)
+            if metrics_path:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            eta = (time.perf_counter() - run_start) / (len(history)) * (total_steps - step - 1)
+            print(f"step {step + 1}/{total_steps} {progress_bar(step + 1, total_steps)} "
+                  f"reward {record['reward']:.3f} (correct {record['correctness_reward']:.3f} "
+                  f"format {record['format_reward']:.3f} std {record['reward_std']:.3f}) "
+                  f"kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} loss {record['loss']:+.4f} "
+                  f"len {record['completion_length']:.0f} | {step_seconds:.1f}s (rollout {rollout_seconds:.1f}s) "
+                  f"{record['tokens_per_second']:.0f} tok/s eta {format_seconds(eta)}", flush=True)
+            if log_completions_steps and (step + 1) % log_completions_steps == 0:
+                print(f"--- sample (reward {rewards[0].item():.1f}, answer {answers[0]}) ---\n"
+                      f"{batch[0]['question']}\n>>> {texts[0]}\n---", flush=True)
+
+    print_run_summary(history, device)
+    return history
+
+
+def print_run_summary(history: list[dict], device: torch.device) -> None:
+    """Where the time went: rollout vs update per step, throughput, and peak memory."""
+    if not history:
+        return
+    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
+    print(f"summary: {len(history)} steps, {mean['step_seconds']:.2f} s/step = rollout {mean['rollout_seconds']:.2f} s"
+          f" + update {mean['update_seconds']:.2f} s + reference pass and scoring; generation "
+          f"{mean['generation_tokens_per_second']:.0f} tok/s, training {mean['train_tokens_per_second']:.0f} tok/s; "
+          f"peak memory {peak_memory_mib(device):.0f} MiB "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Command line
+# ------------------------------------------------------------------------------------------------
+
+
+def _number_type(kind, name: str, check, requirement: str):
+    """An argparse type that converts with `kind` and rejects values failing `check`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+positive_int = _number_type(int, "positive_int", lambda v: v > 0, "a positive integer")
+non_negative_int = _number_type(int, "non_negative_int", lambda v: v >= 0, "0 or more")
+at_least_two = _number_type(int, "at_least_two", lambda v: v >= 2, "at least 2 (the advantage needs a group std)")
+positive_float = _number_type(float, "positive_float", lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_float = _number_type(float, "non_negative_float", lambda v: v >= 0 and math.isfinite(v), "0 or more")
+open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "strictly between 0 and 1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module docstring).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub id or local directory of a chat model")
+    g.add_argument("--dataset", default="openai/gsm8k", help="hub data set (config 'main', split 'train') or a "
+                   "local .json/.jsonl file with GSM8K's 'question' and 'answer' ('... #### 72') fields")
+    g.add_argument("--eval_dataset", default=None, help="held-out data, same forms as --dataset; default: the "
+                   "'test' split of --dataset when it is a hub data set (a local --dataset needs this flag for evaluation)")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto = every visible GPU if there is one, else CPU; pick GPUs with CUDA_VISIBLE_DEVICES")
+    g.add_argument("--seed", type=int, default=42, help="seeds python and torch (sampling, data order)")
+
+    g = parser.add_argument_group("GRPO schedule")
+    g.add_argument("--num_iterations", type=positive_int, default=1,
+                   help="outer iterations; each starts by copying the current policy into the reference model")
+    g.add_argument("--num_steps", type=positive_int, default=500, help="training steps per iteration")
+    g.add_argument("--batch_size", type=positive_int, default=7, help="prompts per step (B)")
+    g.add_argument("--num_generations", type=at_least_two, default=4, help="completions sampled per prompt (G)")
+    g.add_argument("--mu", type=positive_int, default=3, help="policy updates (optimizer steps) per batch of rollouts")
+
+    g = parser.add_argument_group("rollouts")
+    g.add_argument("--max_completion_length", type=positive_int, default=400, help="max new tokens per completion")
+    g.add_argument("--temperature", type=positive_float, default=1.0,
+                   help="sampling temperature; the log-probs are computed at the same temperature")
+
+    g = parser.add_argument_group("loss and optimisation")
+    g.add_argument("--beta", type=non_negative_float, default=0.04, help="KL penalty weight; 0 = no reference model")
+    g.add_argument("--epsilon", type=open_unit_float, default=0.2, help="PPO clip range: ratio kept in [1-eps, 1+eps]")
+    g.add_argument("--learning_rate", type=positive_float, default=5e-6, help="AdamW learning rate (constant)")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--max_grad_norm", type=positive_float, default=0.1, help="clip the gradient's global L2 norm to this")
+    g.add_argument("--micro_batch_size", type=positive_int, default=4,
+                   help="sequences per forward/backward pass on each GPU; lower it if memory runs out (same result)")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in the backward pass of the policy update (never during generation)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
+
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval_size", type=non_negative_int, default=100,
+                   help="held-out examples scored before and after training; 0 = skip evaluation")
+    g.add_argument("--eval_batch_size", type=positive_int, default=32, help="prompts per greedy generate call")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", default="grpo_output",
+                   help="where the model, args.json, metrics.jsonl and eval.json are written")
+    g.add_argument("--log_completions_steps", type=non_negative_int, default=10,
+                   help="print a sample completion every this many steps; 0 = never")
+    return parser
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for, but torch sees no GPU")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def load_model_and_tokenizer(name: str, device: torch.device):
+    """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
+    its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise DataError(f"model directory not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load model '{name}': {first_line}") from None
+    if not tokenizer.chat_template:
+        raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Everything main() does after parsing: load, evaluate, train, evaluate, save."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # also seeds every CUDA device
+    device = resolve_device(args.device)
+
+    train_examples = load_gsm8k(args.dataset, "train")
+    eval_examples = []
+    if args.eval_size:
+        if args.eval_dataset is None and args.dataset.endswith((".json", ".jsonl")):
+            raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
+        eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
+    policy, tokenizer = load_model_and_tokenizer(args.model_name, device)
+    if args.gradient_checkpointing:
+        # Recompute activations during backward; transformers applies it only in train mode, and the
+        # loop switches to eval mode for generation, so rollouts keep their full speed.
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as f:
+        json.dump(vars(args), f, indent=2)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    open(metrics_path, "w").close()
+    amp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    print(f"device {device} ({n_gpus} GPU(s) via DataParallel)" if n_gpus else "device cpu (float32)")
+    print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
+          f"model {args.model_name} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters)")
+
+    evaluation = {}
+    eval_kwargs = dict(max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size,
+                       device=device, autocast_dtype=amp_dtype)
+    if eval_examples:
+        evaluation["before"] = evaluate_model(policy, tokenizer, eval_examples, label="eval before", **eval_kwargs)
+
+    history = train_with_grpo(
+        policy, tokenizer, train_examples,
+        num_iterations=args.num_iterations, num_steps=args.num_steps, batch_size=args.batch_size,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length, mu=args.mu,
+        beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
+        bf16=args.bf16, seed=args.seed, log_completions_steps=args.log_completions_steps,
+        metrics_path=metrics_path,
+    )
+
+    if eval_examples:
+        evaluation["after"] = evaluate_model(policy, tokenizer, eval_examples, label="eval after", **eval_kwargs)
+        with open(os.path.join(args.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump(evaluation, f, indent=2)
+        print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
+            evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],
+            evaluation["before"]["lenient_accuracy"], evaluation["after"]["lenient_accuracy"]))
+    policy.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"saved the trained model, tokenizer and metrics to {args.output_dir}")
+    return history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,629 @@
+"""Tests for grpo.py, offline on CPU, in the order grpo.py explains things.
+
+    python -m pytest -q test_grpo.py
+
+No download happens: a tiny random Qwen2 model and a byte-level BPE tokenizer of Qwen2's kind (the
+four format tags and the chat markers as single tokens, a Qwen-like chat template) are built here, and
+the data are small JSONL files written by the tests.
+"""
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up must fail at once, not after retries
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import grpo  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ------------------------------------------------------------------------------------------------
+# A tiny offline chat model
+# ------------------------------------------------------------------------------------------------
+
+TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [
+    "Tom has 12 apples and gets 30 more. How many apples does Tom have now? 12 + 30 = 42.",
+    "Ann had 50 cards and gave away 8. How many cards are left? 50 - 8 = 42.",
+    "Respond in the following format: reasoning, then the answer. Add, subtract, multiply.",
+    "0 1 2 3 4 5 6 7 8 9 10 12 20 30 40 50 100 + - * = total each more left boxes in",
+] * 10
+
+
+def build_tokenizer():
+    """Byte-level BPE like Qwen2's, so transformers reloads it as a working Qwen2Tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Qwen2Tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=330, min_frequency=2, show_progress=False)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(TAGS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed=0):
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    # Like Qwen2.5-Instruct: two end-of-turn ids (<|im_end|> and <|endoftext|>, which is also the pad).
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,
+        do_sample=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    tokenizer = build_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture()
+def tiny(tiny_dir):
+    """A fresh (model, tokenizer) loaded the way main() loads them."""
+    return grpo.load_model_and_tokenizer(tiny_dir, torch.device("cpu"))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def arithmetic_rows(n=40):
+    rows = []
+    for i in range(n):
+        a, b = 3 + i % 17, 2 + (7 * i) % 13
+        rows.append({"question": f"Tom has {a} apples and gets {b} more. How many apples does Tom have now?",
+                     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Prompts and answer extraction
+# ------------------------------------------------------------------------------------------------
+
+
+def test_system_prompt_is_the_seed_text():
+    assert grpo.SYSTEM_PROMPT == "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+
+
+def test_prompt_uses_the_chat_template(tiny):
+    _, tokenizer = tiny
+    prompt = grpo.build_prompt(tokenizer, "What is 2+2?")
+    assert prompt == ("<|im_start|>system\n" + grpo.SYSTEM_PROMPT + "<|im_end|>\n"
+                      "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<reasoning>r</reasoning><answer>42</answer>", "42"),
+    ("<answer>\n 7 \n</answer>", "7"),
+    ("<answer>1</answer> then <answer>2</answer>", "2"),  # the last block counts
+    ("<answer>1</answer> then <answer>2", None),  # the last one is unclosed
+    ("<answer>...</answer>", None),  # the template's placeholder
+    ("<answer></answer>", ""),
+    ("no tags at all", None),
+    ("", None),
+    ("</answer><answer>", None),
+])
+def test_extract_answer_from_model_output(text, expected):
+    assert grpo.extract_answer_from_model_output(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("She sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+    ("#### 1,080", "1,080"),
+    ("####-5 ", "-5"),
+    ("no delimiter 72", None),
+])
+def test_extract_answer_from_dataset(text, expected):
+    assert grpo.extract_answer_from_dataset(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("72", 72.0), ("$1,080", 1080.0), ("1,234,567.5", 1234567.5), ("-3.5", -3.5), ("+7", 7.0),
+    ("50%", 50.0), (".5", 0.5), ("The answer is 72.", 72.0), ("x = -12 dollars", -12.0),
+    ("3 or 4", None), ("1,2", None), ("", None), ("seventy-two", None), ("5-3", None),
+])
+def test_extract_single_number(text, expected):
+    assert grpo.extract_single_number(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("3 apples and 4 pears make 7.", 7.0), ("total: $1,080", 1080.0), ("none", None), ("-2 then -9", -9.0),
+])
+def test_extract_last_number(text, expected):
+    assert grpo.extract_last_number(text) == expected
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    assert doctest.testmod(grpo, raise_on_error=False).failed == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Rewards
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("<answer>72</answer>", "72", 2.0),
+    ("<answer> 72 </answer>", "72", 2.0),
+    ("<answer>1,080</answer>", "1,080", 2.0),
+    ("<answer>$1,080</answer>", "1080", 1.5),
+    ("<answer>72.0</answer>", "72", 1.5),
+    ("<answer>1080</answer>", "1,080", 1.5),
+    ("<answer>72 apples</answer>", "72", 1.5),
+    ("<answer>71</answer>", "72", 0.0),
+    ("<answer>72 or 73</answer>", "72", 0.0),
+    ("<answer>72", "72", 0.0),
+    ("The answer is 72", "72", 0.0),
+    ("<answer>...</answer>", "...", 0.0),
+    ("", "72", 0.0),
+    ("<answer>\x00\ud7ff 🙂</answer>", "72", 0.0),
+])
+def test_correctness_reward(completion, answer, expected):
+    assert grpo.correctness_reward([completion], [answer]) == [expected]
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<reasoning>r</reasoning><answer>1</answer>", 0.8),
+    ("<reasoning>r</reasoning>", 0.4),
+    ("</answer>", 0.2),
+    ("<reasoning><reasoning>", 0.2),  # presence, not count
+    ("nothing", 0.0),
+    ("", 0.0),
+])
+def test_format_reward(completion, expected):
+    assert grpo.format_reward([completion]) == pytest.approx([expected])
+
+
+def test_combined_reward_is_the_sum_and_spans_0_to_2_8():
+    completions = ["<reasoning>r</reasoning><answer>72</answer>", "<answer>$72</answer>", "junk", ""]
+    answers = ["72", "72", "72", "72"]
+    combined = grpo.combined_reward(completions, answers)
+    assert combined == pytest.approx([2.8, 1.9, 0.0, 0.0])
+    parts = [c + f for c, f in zip(grpo.correctness_reward(completions, answers), grpo.format_reward(completions))]
+    assert combined == pytest.approx(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Advantages
+# ------------------------------------------------------------------------------------------------
+
+
+def test_advantages_match_worked_example():
+    # The seed's example: batch_size 2, num_generations 3.
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    advantages = grpo.compute_group_advantages(rewards, num_generations=3)
+    assert advantages.shape == (6, 1)
+    assert torch.allclose(advantages.squeeze(1), torch.tensor([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0]), atol=1e-3)
+
+
+def test_advantages_of_a_group_with_equal_rewards_are_zero():
+    advantages = grpo.compute_group_advantages(torch.tensor([0.8, 0.8, 0.8, 0.8, 0.0, 2.8, 0.0, 0.0]), 4)
+    assert torch.isfinite(advantages).all()
+    assert torch.equal(advantages[:4], torch.zeros(4, 1))
+    assert advantages[5] > 0 > advantages[4]
+
+
+def test_advantages_use_the_unbiased_group_std():
+    rewards = torch.tensor([0.0, 2.8, 0.4, 1.0])
+    mean = sum(rewards.tolist()) / 4
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards.tolist()) / 3)  # divisor G - 1
+    expected = [(r - mean) / (std + 1e-4) for r in rewards.tolist()]
+    assert grpo.compute_group_advantages(rewards, 4).squeeze(1).tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_advantages_reject_a_group_of_one():
+    with pytest.raises(ValueError):
+        grpo.compute_group_advantages(torch.tensor([1.0, 2.0]), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Log-probabilities and the completion mask
+# ------------------------------------------------------------------------------------------------
+
+
+def test_selective_log_softmax_matches_full_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 4
+    token_ids = torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(grpo.selective_log_softmax(logits, token_ids), expected, atol=1e-5)
+
+
+def test_compute_log_probs_matches_plain_log_softmax_with_left_padding_and_temperature(tiny):
+    model, tokenizer = tiny
+    model.eval()
+    torch.manual_seed(1)
+    pad, temperature, completion_length = tokenizer.pad_token_id, 0.7, 5
+    # Three sequences with 0, 2 and 3 left-padding tokens, each prompt (4, 2, 1 tokens) + 5 completion tokens.
+    real = [torch.randint(0, 300, (n,)) for n in (9, 7, 6)]
+    input_ids = torch.stack([torch.cat([torch.full((9 - len(r),), pad), r]) for r in real])  # (3, 9)
+    attention_mask = (torch.arange(9) >= torch.tensor([0, 2, 3]).unsqueeze(1)).long()  # (3, 9)
+    with torch.no_grad():
+        got = grpo.compute_log_probs(model, input_ids, attention_mask, completion_length, temperature)
+        # Independent reference: each sequence alone, unpadded, full logits, full log_softmax.
+        for row, tokens in enumerate(real):
+            logits = model(input_ids=tokens.unsqueeze(0)).logits[0]  # (L, V)
+            log_probs = torch.log_softmax(logits[:-1] / temperature, dim=-1)  # position t scores token t+1
+            expected = log_probs.gather(-1, tokens[1:].unsqueeze(-1)).squeeze(-1)[-completion_length:]
+            assert torch.allclose(got[row], expected, atol=1e-4), row
+    assert got.shape == (3, completion_length)
+
+
+@pytest.mark.parametrize("row, expected", [
+    ([5, 6, 9, 7, 7], [1, 1, 1, 0, 0]),  # EOS in the middle: kept, the rest masked
+    ([9, 5, 6, 7, 7], [1, 0, 0, 0, 0]),  # EOS first
+    ([5, 6, 7, 8, 9], [1, 1, 1, 1, 1]),  # EOS last
+    ([5, 6, 7, 8, 4], [1, 1, 1, 1, 1]),  # no EOS: cut at the length limit, all kept
+    ([5, 9, 9, 3, 9], [1, 1, 0, 0, 0]),  # repeated EOS: the first one ends it
+    ([5, 3, 9, 3, 3], [1, 1, 0, 0, 0]),  # the second EOS id (also the pad id) ends it too
+    ([3, 3, 3, 3, 3], [1, 0, 0, 0, 0]),
+])
+def test_completion_mask_ends_at_the_first_eos(row, expected):
+    mask = grpo.create_completion_mask(torch.tensor([row]), eos_token_ids=[9, 3])
+    assert mask.tolist() == [expected]
+
+
+def test_end_of_sequence_ids_include_every_end_of_turn_token(tiny):
+    model, tokenizer = tiny
+    assert grpo.end_of_sequence_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. The loss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_grpo_loss_matches_hand_computation():
+    logp = [[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]]
+    old = [[-1.4, -1.5, -0.5], [-0.9, -0.5, -2.0]]
+    ref = [[-0.9, -2.5, -0.4], [-0.2, -1.1, -3.0]]
+    adv, mask = [1.5, -0.5], [[1, 1, 0], [1, 1, 1]]
+    beta, eps = 0.04, 0.2
+    per_sequence = []
+    for i in range(2):
+        total = 0.0
+        for t in range(3):
+            ratio = math.exp(logp[i][t] - old[i][t])
+            surrogate = min(ratio * adv[i], min(max(ratio, 1 - eps), 1 + eps) * adv[i])
+            kl = math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1
+            total += mask[i][t] * (surrogate - beta * kl)
+        per_sequence.append(total / sum(mask[i]))
+    expected = -sum(per_sequence) / 2
+
+    loss, metrics = grpo.grpo_loss(torch.tensor(logp), torch.tensor(old), torch.tensor(ref),
+                                   torch.tensor(adv).unsqueeze(1), torch.tensor(mask), beta, eps)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # Clipped tokens (the clipped term is the smaller, so no gradient): seq 0 token 0 (ratio 1.49 > 1.2
+    # with A > 0) and seq 1 token 1 (ratio 0.50 < 0.8 with A < 0); seq 0 token 1 (ratio 0.61, A > 0) and
+    # seq 1 token 0 (ratio 1.82, A < 0) are not clipped. Per-sequence shares 1/2 and 1/3.
+    assert metrics["clip_ratio"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert metrics["kl"].item() > 0
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 6)
+    advantages = torch.tensor([[1.0], [-2.0], [0.5], [0.25]])
+    loss_with_kl, metrics = grpo.grpo_loss(logp, logp, logp.clone(), advantages, torch.ones(4, 6), 0.5, 0.2)
+    loss_without_kl, _ = grpo.grpo_loss(logp, logp, None, advantages, torch.ones(4, 6), 0.0, 0.2)
+    assert metrics["kl"].item() == 0.0
+    # With ratio 1 and KL 0 everywhere the loss is minus the mean advantage, whatever beta is.
+    assert loss_with_kl.item() == pytest.approx(-advantages.mean().item())
+    assert loss_without_kl.item() == pytest.approx(loss_with_kl.item())
+
+
+def test_padding_gets_no_gradient():
+    logp = torch.randn(2, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), logp.detach() - 0.1, torch.tensor([[1.0], [-1.0]]), mask, 0.04, 0.2)
+    loss.backward()
+    assert torch.equal(logp.grad[0, 2:], torch.zeros(2))
+    assert (logp.grad[0, :2] != 0).all()
+
+
+def test_one_update_raises_positive_and_lowers_negative_advantage_completions(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    prompt = tokenizer(grpo.build_prompt(tokenizer, "Tom has 3 apples."), return_tensors="pt")["input_ids"]
+    completions = torch.randint(0, 300, (2, 6))  # (2, T)
+    input_ids = torch.cat([prompt.repeat(2, 1), completions], dim=1)  # (2, P + T)
+    attention_mask = torch.ones_like(input_ids)
+    advantages = torch.tensor([[1.0], [-1.0]])  # completion 0 good, completion 1 bad
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def sequence_log_probs():
+        return grpo.compute_log_probs(model, input_ids, attention_mask, 6).sum(dim=1)  # (2,)
+
+    log_probs = grpo.compute_log_probs(model, input_ids, attention_mask, 6)
+    before = log_probs.detach().sum(dim=1)
+    loss, _ = grpo.grpo_loss(log_probs, log_probs.detach(), log_probs.detach(), advantages,
+                             torch.ones(2, 6), beta=0.04, epsilon=0.2)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = sequence_log_probs()
+    assert after[0] > before[0]
+    assert after[1] < before[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Rollouts and evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_generate_completions_groups_and_masks(tiny):
+    model, tokenizer = tiny
+    model.eval()
+    eos = grpo.end_of_sequence_ids(model, tokenizer)
+    generator = grpo.data_parallel(grpo.GenerateModule(model, 12, eos, tokenizer.pad_token_id, temperature=1.0),
+                                   torch.device("cpu"))
+    prompts = [grpo.build_prompt(tokenizer, q) for q in ("Tom has 3 apples.", "A much longer question " * 3)]
+    torch.manual_seed(0)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = grpo.generate_completions(
+        generator, tokenizer, prompts, 3, eos, torch.device("cpu"))
+    assert prompt_ids.shape[0] == completion_ids.shape[0] == 6
+    assert completion_ids.shape == completion_mask.shape and completion_ids.shape[1] <= 12
+    # Each prompt is repeated G times consecutively, left-padded (the real tokens end at column P).
+    assert torch.equal(prompt_ids[0], prompt_ids[2]) and torch.equal(prompt_ids[3], prompt_ids[5])
+    assert prompt_mask[:, -1].all() and not prompt_mask[0, 0]
+    assert torch.equal(completion_mask, grpo.create_completion_mask(completion_ids, eos))
+
+
+def test_rollouts_ignore_the_checkpoints_sampling_settings(tiny):
+    model, tokenizer = tiny
+    model.eval()
+    # A checkpoint whose generation_config would make sampling greedy (top_k=1): the rollouts must still
+    # sample from the full softmax(logits / T) that the log-probs score.
+    model.generation_config.top_k = 1
+    model.generation_config.repetition_penalty = 5.0
+    eos = grpo.end_of_sequence_ids(model, tokenizer)
+    generator = grpo.GenerateModule(model, 10, eos, tokenizer.pad_token_id, temperature=1.0)
+    prompt = [grpo.build_prompt(tokenizer, "Tom has 3 apples.")]
+    torch.manual_seed(0)
+    _, _, completion_ids, _ = grpo.generate_completions(generator, tokenizer, prompt, 8, eos, torch.device("cpu"))
+    assert len({tuple(row) for row in completion_ids.tolist()}) > 1
+
+
+def _fake_replicate(module, monkeypatch):
+    """What DataParallel does to a module on GPU 1, done on CPU: weights become plain attributes."""
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [[t.detach() for t in tensors] for _ in devices])
+    replica = replicate_module.replicate(module, [0, 1], detach=True)[1]
+    assert list(replica.model.parameters()) == []  # what breaks model.device in transformers
+    return replica
+
+
+def test_the_dataparallel_wrappers_run_on_a_replica(tiny, monkeypatch):
+    model, tokenizer = tiny
+    model.eval()
+    eos = grpo.end_of_sequence_ids(model, tokenizer)
+    prompt_ids = tokenizer([grpo.build_prompt(tokenizer, "Tom has 3 apples.")], return_tensors="pt")["input_ids"]
+    generator = grpo.GenerateModule(model, 6, eos, tokenizer.pad_token_id, temperature=None)
+    with torch.no_grad():
+        expected = generator(prompt_ids, torch.ones_like(prompt_ids))
+        got = _fake_replicate(generator, monkeypatch)(prompt_ids, torch.ones_like(prompt_ids))
+    assert got.shape == (1, prompt_ids.size(1) + 6)  # padded to a fixed width for the gather
+    assert torch.equal(got, expected)  # greedy: the replica generates what the model does
+
+    log_prob_module = grpo.LogProbModule(model, temperature=1.0)
+    with torch.no_grad():
+        expected = log_prob_module(got, torch.ones_like(got), 6)
+        replica_log_probs = _fake_replicate(log_prob_module, monkeypatch)(got, torch.ones_like(got), 6)
+    assert torch.allclose(replica_log_probs, expected)
+
+
+def test_evaluate_model_scores_strict_and_lenient(tiny, monkeypatch):
+    model, tokenizer = tiny
+    texts = ["<reasoning>r</reasoning><answer>7</answer>", "so the answer is 5", "<answer>4</answer>, I mean 3"]
+    monkeypatch.setattr(grpo, "decode_completions", lambda *args: texts)
+    model.train()
+    examples = [{"question": "q1", "answer": "7"}, {"question": "q2", "answer": "5"}, {"question": "q3", "answer": "3"}]
+    result = grpo.evaluate_model(model, tokenizer, examples, max_new_tokens=4, batch_size=3, device=torch.device("cpu"))
+    assert result["strict_accuracy"] == pytest.approx(1 / 3)  # only the first has the right <answer>
+    assert result["lenient_accuracy"] == pytest.approx(3 / 3)  # the last number is right in all three
+    assert model.training  # the mode is restored
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The training loop
+# ------------------------------------------------------------------------------------------------
+
+
+def test_batch_indices_cover_the_data_once_per_pass():
+    seen = sum((grpo.batch_indices(step, 5, 20, seed=3) for step in range(4)), [])
+    assert sorted(seen) == list(range(20))
+    assert grpo.batch_indices(4, 5, 20, seed=3) == grpo.batch_indices(4, 5, 20, seed=3)
+
+
+def _train(model, tokenizer, examples, **overrides):
+    settings = dict(num_steps=1, batch_size=2, num_generations=4, max_completion_length=8, mu=2, beta=0.04,
+                    learning_rate=1e-3, micro_batch_size=8, seed=0, log_completions_steps=0)
+    settings.update(overrides)
+    torch.manual_seed(settings["seed"])
+    return grpo.train_with_grpo(model, tokenizer, examples, **settings)
+
+
+def test_micro_batches_give_the_full_batch_update(tiny_dir):
+    examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "mb.jsonl"), arithmetic_rows(8)))
+    weights = []
+    for micro_batch_size in (8, 3, 1):
+        model, tokenizer = grpo.load_model_and_tokenizer(tiny_dir, torch.device("cpu"))
+        history = _train(model, tokenizer, examples, micro_batch_size=micro_batch_size)
+        weights.append((torch.cat([p.detach().flatten() for p in model.parameters()]), history[0]["loss"]))
+    for vector, loss in weights[1:]:
+        assert torch.allclose(vector, weights[0][0], atol=1e-6)
+        assert loss == pytest.approx(weights[0][1], abs=1e-6)
+
+
+def test_no_reference_model_is_made_when_beta_is_zero(tiny, tiny_dir, monkeypatch):
+    model, tokenizer = tiny
+    examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "b0.jsonl"), arithmetic_rows(4)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference model was made with beta == 0")
+
+    monkeypatch.setattr(grpo, "make_reference_model", refuse)
+    history = _train(model, tokenizer, examples, beta=0.0)
+    assert history[0]["kl"] == 0.0
+
+
+def test_format_reward_rises_on_the_tiny_model(tiny, tiny_dir):
+    """A toy run: with a large learning rate the random model learns to emit the format tags."""
+    model, tokenizer = tiny
+    examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "learn.jsonl"), arithmetic_rows(40)))
+    history = _train(model, tokenizer, examples, num_steps=30, batch_size=4, num_generations=8,
+                     max_completion_length=12, mu=2, beta=0.04, learning_rate=1e-2, max_grad_norm=1.0)
+    first = sum(r["format_reward"] for r in history[:5]) / 5
+    last = sum(r["format_reward"] for r in history[-5:]) / 5
+    # Measured: about 0.03 -> 0.7 (of 0.8) over seeds 0-2.
+    assert last > 0.5 and last > first + 0.3, (first, last)
+
+
+def test_main_end_to_end_writes_a_loadable_model_and_metrics(tiny_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(20)[12:])
+    out = tmp_path / "run"
+    history = grpo.main(["--model_name", tiny_dir, "--dataset", data, "--eval_dataset", held_out, "--eval_size", "4",
+                         "--num_steps", "3", "--batch_size", "2", "--num_generations", "3", "--mu", "2",
+                         "--max_completion_length", "10", "--micro_batch_size", "2", "--device", "cpu",
+                         "--learning_rate", "1e-3", "--output_dir", str(out), "--log_completions_steps", "2"])
+    assert len(history) == 3
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for key in ("step", "reward", "correctness_reward", "format_reward", "reward_std", "kl", "loss", "clip_ratio",
+                "completion_length", "step_seconds", "tokens_per_second"):
+        assert all(math.isfinite(line[key]) for line in lines), key
+    assert json.loads((out / "args.json").read_text())["mu"] == 2
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation) == {"before", "after"} and evaluation["after"]["num_examples"] == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    trained = grpo.load_model_and_tokenizer(str(out), torch.device("cpu"))[0]
+    assert torch.equal(reloaded.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+    printed = capsys.readouterr().out
+    assert "step 3/3" in printed and "--- sample" in printed and "summary:" in printed
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Command line: bad input gets a clear error
+# ------------------------------------------------------------------------------------------------
+
+
+def test_defaults_follow_the_seed():
+    args = grpo.build_parser().parse_args([])
+    assert (args.num_iterations, args.num_steps, args.num_generations, args.max_completion_length, args.mu,
+            args.epsilon) == (1, 500, 4, 400, 3, 0.2)
+    assert (args.model_name, args.dataset, args.batch_size, args.beta, args.learning_rate, args.max_grad_norm,
+            args.temperature, args.seed) == ("Qwen/Qwen2.5-1.5B-Instruct", "openai/gsm8k", 7, 0.04, 5e-6, 0.1, 1.0, 42)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_generations", "1"], "at least 2"),
+    (["--learning_rate", "0"], "positive"),
+    (["--learning_rate", "-0.5"], "positive"),
+    (["--batch_size", "0"], "positive integer"),
+    (["--micro_batch_size", "-2"], "positive integer"),
+    (["--max_completion_length", "0"], "positive integer"),
+    (["--epsilon", "1"], "between 0 and 1"),
+    (["--epsilon", "0"], "between 0 and 1"),
+    (["--beta", "-0.1"], "0 or more"),
+    (["--num_steps", "ten"], "not a valid int"),
+    (["--temperature", "nan"], "positive"),
+])
+def test_bad_flag_values_exit_2_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _main_error(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.main(argv)
+    assert isinstance(exit_info.value.code, str) and exit_info.value.code.startswith("error: ")
+    assert "\n" not in exit_info.value.code  # one line
+    return exit_info.value.code
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(2))
+    message = _main_error(["--model_name", str(tmp_path / "nope"), "--dataset", data, "--eval_size", "0"])
+    assert "model directory not found" in message
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "data file not found"),
+    ("", "empty"),
+    ("{not json\n", "not valid JSON"),
+    ('{"q": "x", "a": "#### 1"}\n', "'question' and 'answer'"),
+    ('{"question": "x", "answer": "no delimiter"}\n', "'####'"),
+    ("[1, 2]", "list of objects"),
+])
+def test_bad_data_files_are_clear_errors(tiny_dir, tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert message in _main_error(["--model_name", tiny_dir, "--dataset", str(path), "--eval_size", "0"])
+
+
+def test_rows_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
+    rows = arithmetic_rows(3) + [{"question": "q", "answer": "no delimiter"}]
+    examples = grpo.load_gsm8k(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert len(examples) == 3 and examples[0]["answer"] == "5"
+    assert "skipped 1 of 4 rows" in capsys.readouterr().out
+
+
+def test_json_list_files_and_thousands_commas_load(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"question": "How many?", "answer": "10 x 108 = 1080\n#### 1,080"}]))
+    assert grpo.load_gsm8k(str(path)) == [{"question": "How many?", "answer": "1,080"}]
+
+
+def test_unreachable_hub_dataset_is_a_clear_error(tiny_dir):
+    message = _main_error(["--model_name", tiny_dir, "--dataset", "no-such-user/no-such-data", "--eval_size", "0"])
+    assert "could not load data set" in message
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"), "--model_name", str(tmp_path / "missing"),
+                             "--dataset", str(tmp_path / "missing.jsonl")], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'missing.jsonl'}"
