@@ -52,11 +52,10 @@ import sys
 import time
 from contextlib import nullcontext
 
-import datasets
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 # ------------------------------------------------------------------------------------------------
 # 1. Prompts and answer extraction
@@ -157,6 +156,8 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
             raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
     if os.path.exists(source):
         raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
+    import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
+
     try:
         return list(datasets.load_dataset(source, "main", split=split))
     except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
@@ -262,18 +263,47 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> tor
 # ------------------------------------------------------------------------------------------------
 
 
-def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] for one chosen token per position, without a (N, T, V) log_softmax.
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits)[token] with a hand-written backward; see selective_log_softmax."""
 
-    log p(x) = logit[x] - logsumexp(logits). The gather is (N, T); the logsumexp runs one sequence at
-    a time in float32, so the largest temporary is (T, V) instead of another (N, T, V) tensor, and
-    bf16 logits are not reduced in bf16.
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, overwrite_logits: bool) -> torch.Tensor:
+        token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float()  # (N, T)
+        log_normalizers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T)
+        ctx.save_for_backward(logits, token_ids, log_normalizers)
+        ctx.overwrite_logits = overwrite_logits
+        return token_logits - log_normalizers  # (N, T)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, token_ids, log_normalizers = ctx.saved_tensors
+        if ctx.overwrite_logits and getattr(ctx, "used", False):
+            raise RuntimeError("selective_log_softmax(overwrite_logits=True) supports one backward pass only")
+        ctx.used = True
+        # The only full-size tensor of the backward pass; with overwrite_logits it is the logits' own memory.
+        grad_logits = logits if ctx.overwrite_logits else torch.empty_like(logits)  # (N, T, V)
+        for i in range(logits.size(0)):  # one sequence at a time: the temporaries are (T, V)
+            softmax = torch.exp(logits[i].float() - log_normalizers[i].unsqueeze(-1))  # (T, V)
+            softmax.mul_(-grad_output[i].unsqueeze(-1))  # (T, V): -g * softmax
+            softmax.scatter_add_(-1, token_ids[i].unsqueeze(-1), grad_output[i].unsqueeze(-1).float())  # + g * onehot
+            grad_logits[i] = softmax
+        return grad_logits, None, None
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
+    """log softmax(logits)[x] for one chosen token x per position, without a (N, T, V) log_softmax.
+
+    forward:   log p(x) = logit[x] - logsumexp(logits), the logsumexp one sequence at a time in float32
+    backward:  d log p(x) / d logits = onehot(x) - softmax(logits), also one sequence at a time
+    Through plain autograd, gather and the logsumexp would each keep or build (N, T, V) tensors in the
+    backward pass; written by hand, the only full-size tensors are the logits and their gradient. With
+    Qwen2.5's 151,936-token vocabulary that is most of the memory of a policy update.
+    overwrite_logits=True lets the backward pass write the gradient into the logits' memory, saving
+    one more (N, T, V) tensor: only for logits that nothing else reads afterwards.
 
     logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
     """
-    token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float()  # (N, T)
-    log_normalizers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T)
-    return token_logits - log_normalizers  # (N, T)
+    return _SelectiveLogSoftmax.apply(logits, token_ids, overwrite_logits)
 
 
 def compute_log_probs(
@@ -293,18 +323,22 @@ def compute_log_probs(
     """
     # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (N, P + T)
-    # The logit at position t scores the token at t + 1. To score the last T tokens we need the logits
-    # of the T positions before them: keep T + 1 and drop the last, which would predict a token that
-    # comes after the sequence. The model then runs its LM head on T + 1 positions, not P + T.
+    # The logit at position t scores the token at t + 1. The completion is the last T tokens, at positions
+    # L-T .. L-1 (L = P + T), so its scores are the logits at positions L-T-1 .. L-2. logits_to_keep takes
+    # those indices: the LM head runs on T positions, not P + T, and no slice of the logits is copied.
+    length = input_ids.size(1)
+    keep = torch.arange(length - logits_to_keep - 1, length - 1, device=input_ids.device)  # (T,)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=logits_to_keep + 1,
+        logits_to_keep=keep,
         use_cache=False,  # no KV cache to build: this is one full forward pass
-    ).logits  # (N, T + 1, V)
-    logits = logits[:, :-1, :] / temperature  # (N, T, V)
-    return selective_log_softmax(logits, input_ids[:, -logits_to_keep:])  # (N, T)
+    ).logits  # (N, T, V)
+    if temperature != 1.0:
+        logits.div_(temperature)  # in place: no second (N, T, V) tensor (the LM head's backward needs no logits)
+    # These logits are ours alone, so the backward pass may reuse their memory for their gradient.
+    return selective_log_softmax(logits, input_ids[:, -logits_to_keep:], overwrite_logits=True)  # (N, T)
 
 
 def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -443,6 +477,29 @@ class LogProbModule(nn.Module):
             return compute_log_probs(self.model, input_ids, attention_mask, logits_to_keep, self.temperature)
 
 
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each next token from softmax(scores / temperature), inside generate().
+
+    Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
+    draw u ~ Uniform[0, c_V) and take the first token k with c_k > u; then P(k) = w_k / c_V exactly.
+    It needs one uniform number per sequence. torch.multinomial, which generate() uses when
+    do_sample=True, cost about 30 ms per call over a 151,936-token vocabulary on our CPU, 75% of a
+    rollout; this takes about 7 ms. It returns scores that are -inf except at the drawn token, and
+    generate() runs in greedy mode, so its argmax takes that token: the sampling is all here, and no
+    top-k / top-p setting of the checkpoint can touch it.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        weights = torch.exp((scores - scores.max(dim=-1, keepdim=True).values) / self.temperature)  # (n, V)
+        cdf = weights.cumsum(dim=-1)  # (n, V), unnormalised: the last column is the total
+        u = torch.rand(scores.size(0), 1, device=scores.device) * cdf[:, -1:]  # (n, 1)
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
+
+
 class GenerateModule(nn.Module):
     """forward(prompt_ids, prompt_mask) -> (n, P + max_new_tokens) token ids, padded to that fixed width
     so DataParallel can concatenate the replicas' outputs. temperature None means greedy decoding."""
@@ -455,22 +512,23 @@ class GenerateModule(nn.Module):
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         _expose_replica_parameters(self)
-        # Every sampling parameter is given explicitly: anything left out would be filled in from the
-        # checkpoint's generation_config (Qwen2.5-Instruct ships top_k=20, top_p=0.8,
-        # repetition_penalty=1.05), sampling from a distribution that the log-probs do not score.
-        # Greedy decoding (evaluation) ignores the sampling filters, but not the repetition penalty.
-        sampling = dict(do_sample=False, repetition_penalty=1.0)
-        if self.temperature is not None:
-            sampling.update(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0)
+        # Sampling happens in InverseCDFSampler, with generate() in greedy mode. Whatever the
+        # checkpoint's generation_config says (Qwen2.5-Instruct ships do_sample, temperature 0.7,
+        # top_k 20, top_p 0.8, repetition_penalty 1.05), greedy mode applies none of its sampling
+        # filters, and the repetition penalty, which greedy mode would apply, is switched off here.
+        # So completions come from exactly softmax(logits / temperature), what the log-probs score.
+        samplers = LogitsProcessorList([InverseCDFSampler(self.temperature)] if self.temperature else [])
         with autocast(prompt_ids.device, self.autocast_dtype):
             sequences = self.model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                repetition_penalty=1.0,
+                logits_processor=samplers,
                 eos_token_id=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
                 use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
-                **sampling,
             )  # (n, P + t), t <= max_new_tokens: generate stops once every sequence has ended
         width = prompt_ids.size(1) + self.max_new_tokens
         return F.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new_tokens)

@@ -263,6 +263,19 @@ def test_selective_log_softmax_matches_full_log_softmax():
     assert torch.allclose(grpo.selective_log_softmax(logits, token_ids), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("overwrite_logits", [False, True])
+def test_selective_log_softmax_gradient_matches_autograd(overwrite_logits):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 7, dtype=torch.float64) * 3
+    token_ids = torch.randint(0, 7, (3, 4))
+    weights = torch.randn(3, 4, dtype=torch.float64)  # an arbitrary upstream gradient
+    reference = logits.clone().requires_grad_(True)
+    (torch.log_softmax(reference, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) * weights).sum().backward()
+    leaf = logits.clone().requires_grad_(True)
+    (grpo.selective_log_softmax(leaf * 1.0, token_ids, overwrite_logits) * weights).sum().backward()
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-10)
+
+
 def test_compute_log_probs_matches_plain_log_softmax_with_left_padding_and_temperature(tiny):
     model, tokenizer = tiny
     model.eval()
@@ -401,6 +414,17 @@ def test_generate_completions_groups_and_masks(tiny):
     assert torch.equal(prompt_ids[0], prompt_ids[2]) and torch.equal(prompt_ids[3], prompt_ids[5])
     assert prompt_mask[:, -1].all() and not prompt_mask[0, 0]
     assert torch.equal(completion_mask, grpo.create_completion_mask(completion_ids, eos))
+
+
+def test_sampler_draws_from_softmax_at_the_temperature():
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5, -30.0]]).repeat(100_000, 1)  # (n, V)
+    for temperature in (1.0, 0.5):
+        out = grpo.InverseCDFSampler(temperature)(None, scores)  # (n, V): 0 at the drawn token, -inf elsewhere
+        assert torch.equal((out == 0).sum(dim=1), torch.ones(len(scores), dtype=torch.long))
+        frequencies = torch.bincount(out.argmax(dim=1), minlength=6).double() / len(scores)
+        expected = torch.softmax(scores[0].double() / temperature, dim=-1)
+        assert torch.allclose(frequencies, expected, atol=0.006), (temperature, frequencies, expected)
 
 
 def test_rollouts_ignore_the_checkpoints_sampling_settings(tiny):
