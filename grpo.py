@@ -48,6 +48,8 @@ import os
 import random
 import re
 import resource
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -440,11 +442,6 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     return nn.DataParallel(module) if not torch.cuda.is_available() else module
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DataParallel wrapper (or the module itself)."""
-    return module.module if isinstance(module, nn.DataParallel) else module
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """bf16 autocast on GPU (weights stay float32); a no-op when dtype is None or on CPU."""
     if dtype is None or device.type != "cuda":
@@ -651,6 +648,92 @@ def micro_batches(num_sequences: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
 
 
+# --- Checkpoints: everything needed to carry on exactly where a run stopped -----------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints in output_dir, oldest first (a '.tmp' folder is a save that never finished)."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [int(name[len(CHECKPOINT_PREFIX):]) for name in os.listdir(output_dir)
+             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps)]
+
+
+def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, reference, extra: dict,
+                    save_total_limit: int) -> str:
+    """Write checkpoint-{step}: weights and tokenizer (save_pretrained), optimizer state, the reference
+    model, step counter, RNG states and `extra`. It is written to a '.tmp' folder and renamed into place,
+    so a crash mid-save never leaves a checkpoint that looks whole. Keeps the newest save_total_limit."""
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    partial = final + ".tmp"
+    shutil.rmtree(partial, ignore_errors=True)
+    policy.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        **extra,
+    }
+    torch.save(state, os.path.join(partial, "training_state.pt"))
+    if reference is not None:
+        torch.save(reference.state_dict(), os.path.join(partial, "reference_model.pt"))
+    shutil.rmtree(final, ignore_errors=True)  # an older save of the same step
+    os.replace(partial, final)
+    for old in list_checkpoints(output_dir)[:-save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_state(checkpoint_dir: str) -> dict:
+    """The counters, optimizer state, RNG states (and the reference weights, if saved) of a checkpoint."""
+    state = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=False)
+    reference_path = os.path.join(checkpoint_dir, "reference_model.pt")
+    state["reference"] = torch.load(reference_path, weights_only=True) if os.path.exists(reference_path) else None
+    return state
+
+
+def restore_rng(rng: dict) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class TrainingStopped(Exception):
+    """Training ended early with a checkpoint: by a signal (signum set) or by repeated non-finite updates."""
+
+    def __init__(self, message: str, checkpoint: str | None, signum: int | None = None):
+        super().__init__(message)
+        self.checkpoint, self.signum = checkpoint, signum
+
+
+class StopRequest:
+    """A signal handler for SIGINT / SIGTERM that only records the request; the training loop checks
+    is_set() after every step, finishes that step, saves a checkpoint and stops. A second signal quits
+    at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def __call__(self, signum, frame) -> None:
+        if self.is_set():
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(send it again to quit at once, without saving)", flush=True)
+
+
+# --- The loop ---------------------------------------------------------------------------------------
+
+
 def train_with_grpo(
     policy: nn.Module,
     tokenizer,
@@ -673,6 +756,12 @@ def train_with_grpo(
     seed: int = 42,
     log_completions_steps: int = 10,
     metrics_path: str | None = None,
+    output_dir: str | None = None,
+    save_steps: int = 0,
+    save_total_limit: int = 2,
+    resume_from: str | None = None,
+    max_bad_steps: int = 3,
+    stop: StopRequest | None = None,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step (also appended to metrics_path).
 
@@ -681,6 +770,12 @@ def train_with_grpo(
     per step, pi_old being the policy that sampled the step's completions. The loss forward/backward
     runs micro_batch_size sequences per GPU at a time with gradients accumulated, so one update equals
     the full-batch one without holding (N, T, V) logits. bf16 autocast applies on GPU only.
+
+    Long runs: every save_steps steps (0 = never) and whenever training stops early, a checkpoint goes
+    to output_dir; resume_from (a checkpoint folder, whose weights `policy` must already hold) carries on
+    from it with the same optimizer state, reference model, RNG and data order. An update whose loss or
+    gradient norm is not finite is skipped; after max_bad_steps such steps in a row, or when stop is set
+    (SIGINT / SIGTERM), a checkpoint is saved and TrainingStopped raised.
     """
     device = next(policy.parameters()).device
     num_devices = max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
@@ -691,109 +786,143 @@ def train_with_grpo(
     policy_log_probs = data_parallel(LogProbModule(policy, temperature, amp_dtype), device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay)
     chunk = micro_batch_size * num_devices  # DataParallel gives each GPU micro_batch_size of these
-    total_steps, history = num_iterations * num_steps, []
+    total_steps, history, first_step, bad_steps = num_iterations * num_steps, [], 0, 0
+    resumed = load_training_state(resume_from) if resume_from else None
+    if resumed:
+        first_step, bad_steps = resumed["step"], resumed["bad_steps"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        restore_rng(resumed["rng"])
+        print(f"resumed from {resume_from} at step {first_step}/{total_steps}")
     run_start = time.perf_counter()
 
-    for iteration in range(num_iterations):
-        reference_log_probs = None
-        if beta != 0.0:  # with beta == 0 the KL term vanishes: no reference model is kept or run
+    reference = reference_log_probs = None
+    for step in range(first_step, total_steps):  # step: 0-based global step
+        iteration = step // num_steps
+        if beta != 0.0 and (reference is None or step % num_steps == 0):
+            # The reference model is a frozen copy of the policy at the start of each iteration; a run
+            # resumed mid-iteration takes it from the checkpoint. With beta == 0 none is kept or run.
             reference = make_reference_model(policy, amp_dtype)
+            if resumed and resumed["reference"] is not None and step == first_step and step % num_steps:
+                reference.load_state_dict(resumed["reference"])
             reference_log_probs = data_parallel(LogProbModule(reference, temperature, amp_dtype), device)
+        step_start = time.perf_counter()
 
-        for step_in_iteration in range(num_steps):
-            step = iteration * num_steps + step_in_iteration  # 0-based global step
-            step_start = time.perf_counter()
+        # 1) take B prompts
+        batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
+        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
+        answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N
 
-            # 1) take B prompts
-            batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
-            prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
-            answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N
+        # 2) roll out G completions per prompt. eval() turns off dropout and gradient checkpointing.
+        policy.eval()
+        prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
+            generator, tokenizer, prompts, num_generations, eos_ids, device)  # (N, P), (N, T)
+        texts = decode_completions(tokenizer, completion_ids, completion_mask)
+        rollout_seconds = time.perf_counter() - step_start
 
-            # 2) roll out G completions per prompt. eval() turns off dropout and gradient checkpointing.
-            policy.eval()
-            prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
-                generator, tokenizer, prompts, num_generations, eos_ids, device)  # (N, P), (N, T)
-            texts = decode_completions(tokenizer, completion_ids, completion_mask)
-            rollout_seconds = time.perf_counter() - step_start
+        # 3) rewards -> advantages
+        correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
+        formatting = torch.tensor(format_reward(texts))  # (N,)
+        rewards = torch.tensor(combined_reward(texts, answers))  # (N,)
+        advantages = compute_group_advantages(rewards, num_generations).to(device)  # (N, 1)
 
-            # 3) rewards -> advantages
-            correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
-            formatting = torch.tensor(format_reward(texts))  # (N,)
-            rewards = torch.tensor(combined_reward(texts, answers))  # (N,)
-            advantages = compute_group_advantages(rewards, num_generations).to(device)  # (N, 1)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
+        num_completion_tokens = completion_ids.size(1)  # T
+        chunks = micro_batches(input_ids.size(0), chunk)
 
-            input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
-            attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
-            num_completion_tokens = completion_ids.size(1)  # T
-            chunks = micro_batches(input_ids.size(0), chunk)
+        # 4) reference log-probs, once per step, without gradients
+        ref_log_probs = None
+        if reference_log_probs is not None:
+            with torch.no_grad():
+                ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c],
+                                                               num_completion_tokens) for c in chunks])  # (N, T)
 
-            # 4) reference log-probs, once per step, without gradients
-            ref_log_probs = None
-            if reference_log_probs is not None:
-                with torch.no_grad():
-                    ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c],
-                                                                   num_completion_tokens) for c in chunks])  # (N, T)
-
-            # 5) mu policy updates on this batch
-            update_start = time.perf_counter()
-            policy.train()
-            old_log_probs = [None] * len(chunks)
-            sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
-            for update in range(mu):
-                for k, c in enumerate(chunks):
-                    log_probs = policy_log_probs(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
-                    if update == 0:
-                        # The first update runs on the policy that sampled the batch, so its detached
-                        # log-probs are pi_old: no extra forward pass (and with mu == 1, rho == 1).
-                        old_log_probs[k] = log_probs.detach()
-                    loss, metrics = grpo_loss(
-                        log_probs, old_log_probs[k], None if ref_log_probs is None else ref_log_probs[c],
-                        advantages[c], completion_mask[c], beta, epsilon)
-                    weight = (c.stop - c.start) / input_ids.size(0)  # the loss is a mean over sequences
-                    (loss * weight).backward()
-                    sums["loss"] += loss.detach() * weight / mu
-                    sums["kl"] += metrics["kl"] * weight / mu
-                    sums["clip_ratio"] += metrics["clip_ratio"] * weight / mu
-                    del log_probs, loss  # free this micro-batch's graph before the next one
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+        # 5) mu policy updates on this batch
+        update_start = time.perf_counter()
+        policy.train()
+        old_log_probs = [None] * len(chunks)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        skipped = 0
+        for update in range(mu):
+            update_loss = 0.0
+            for k, c in enumerate(chunks):
+                log_probs = policy_log_probs(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
+                if update == 0:
+                    # The first update runs on the policy that sampled the batch, so its detached
+                    # log-probs are pi_old: no extra forward pass (and with mu == 1, rho == 1).
+                    old_log_probs[k] = log_probs.detach()
+                loss, metrics = grpo_loss(
+                    log_probs, old_log_probs[k], None if ref_log_probs is None else ref_log_probs[c],
+                    advantages[c], completion_mask[c], beta, epsilon)
+                weight = (c.stop - c.start) / input_ids.size(0)  # the loss is a mean over sequences
+                (loss * weight).backward()
+                update_loss += loss.detach() * weight
+                sums["kl"] += metrics["kl"] * weight / mu
+                sums["clip_ratio"] += metrics["clip_ratio"] * weight / mu
+                del log_probs, loss  # free this micro-batch's graph before the next one
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+            # A NaN or inf would poison the weights and the AdamW moments for good: skip that update.
+            # (One host sync per update, to decide.)
+            if bool(torch.isfinite(grad_norm) & torch.isfinite(update_loss)):
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                sums["grad_norm"] += grad_norm / mu
-            update_seconds = time.perf_counter() - update_start
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            sums["loss"] += update_loss / mu
+            sums["grad_norm"] += grad_norm / mu
+        bad_steps = bad_steps + 1 if skipped else 0
+        update_seconds = time.perf_counter() - update_start
 
-            # 6) log
-            step_seconds = time.perf_counter() - step_start
-            lengths = completion_mask.sum(dim=1).float()  # (N,)
-            record = {
-                "step": step + 1,
-                "iteration": iteration + 1,
-                "reward": rewards.mean().item(),
-                "correctness_reward": correctness.mean().item(),
-                "format_reward": formatting.mean().item(),
-                "reward_std": rewards.view(-1, num_generations).std(dim=1).mean().item(),
-                **{name: float(value) for name, value in sums.items()},
-                "completion_length": lengths.mean().item(),
-                "step_seconds": step_seconds,
-                "rollout_seconds": rollout_seconds,
-                "update_seconds": update_seconds,
-                "tokens_per_second": lengths.sum().item() / step_seconds,
-                "generation_tokens_per_second": lengths.sum().item() / rollout_seconds,
-                "train_tokens_per_second": mu * attention_mask.sum().item() / update_seconds,
-            }
-            history.append(record)
-            if metrics_path:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-            eta = (time.perf_counter() - run_start) / (len(history)) * (total_steps - step - 1)
-            print(f"step {step + 1}/{total_steps} {progress_bar(step + 1, total_steps)} "
-                  f"reward {record['reward']:.3f} (correct {record['correctness_reward']:.3f} "
-                  f"format {record['format_reward']:.3f} std {record['reward_std']:.3f}) "
-                  f"kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} loss {record['loss']:+.4f} "
-                  f"len {record['completion_length']:.0f} | {step_seconds:.1f}s (rollout {rollout_seconds:.1f}s) "
-                  f"{record['tokens_per_second']:.0f} tok/s eta {format_seconds(eta)}", flush=True)
-            if log_completions_steps and (step + 1) % log_completions_steps == 0:
-                print(f"--- sample (reward {rewards[0].item():.1f}, answer {answers[0]}) ---\n"
-                      f"{batch[0]['question']}\n>>> {texts[0]}\n---", flush=True)
+        # 6) log, and save a checkpoint when it is time (or when training must stop)
+        step_seconds = time.perf_counter() - step_start
+        lengths = completion_mask.sum(dim=1).float()  # (N,)
+        record = {
+            "step": step + 1,
+            "iteration": iteration + 1,
+            "reward": rewards.mean().item(),
+            "correctness_reward": correctness.mean().item(),
+            "format_reward": formatting.mean().item(),
+            "reward_std": rewards.view(-1, num_generations).std(dim=1).mean().item(),
+            **{name: float(value) for name, value in sums.items()},
+            "skipped_updates": skipped,
+            "completion_length": lengths.mean().item(),
+            "step_seconds": step_seconds,
+            "rollout_seconds": rollout_seconds,
+            "update_seconds": update_seconds,
+            "tokens_per_second": lengths.sum().item() / step_seconds,
+            "generation_tokens_per_second": lengths.sum().item() / rollout_seconds,
+            "train_tokens_per_second": mu * attention_mask.sum().item() / update_seconds,
+        }
+        history.append(record)
+        if metrics_path:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                # json has no NaN: a skipped update's loss is written as null
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in record.items()}) + "\n")
+        eta = (time.perf_counter() - run_start) / len(history) * (total_steps - step - 1)
+        print(f"step {step + 1}/{total_steps} {progress_bar(step + 1, total_steps)} "
+              f"reward {record['reward']:.3f} (correct {record['correctness_reward']:.3f} "
+              f"format {record['format_reward']:.3f} std {record['reward_std']:.3f}) "
+              f"kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} loss {record['loss']:+.4f} "
+              f"len {record['completion_length']:.0f} | {step_seconds:.1f}s (rollout {rollout_seconds:.1f}s) "
+              f"{record['tokens_per_second']:.0f} tok/s eta {format_seconds(eta)}"
+              + (f" | SKIPPED {skipped}/{mu} non-finite updates" if skipped else ""), flush=True)
+        if log_completions_steps and (step + 1) % log_completions_steps == 0:
+            print(f"--- sample (reward {rewards[0].item():.1f}, answer {answers[0]}) ---\n"
+                  f"{batch[0]['question']}\n>>> {texts[0]}\n---", flush=True)
+
+        stop_signal = stop.signum if stop is not None and stop.is_set() else None
+        must_stop = bad_steps >= max_bad_steps or stop_signal is not None
+        path = None
+        if output_dir and (must_stop or (save_steps and (step + 1) % save_steps == 0) or step + 1 == total_steps):
+            path = save_checkpoint(output_dir, step + 1, policy, tokenizer, optimizer, reference,
+                                   {"bad_steps": bad_steps}, save_total_limit)
+        if bad_steps >= max_bad_steps:
+            raise TrainingStopped(f"{bad_steps} steps in a row had a non-finite loss or gradient norm (the last "
+                                  "good weights are kept); lower --learning_rate or check the data", path)
+        if stop_signal is not None:
+            raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}",
+                                  path, stop_signal)
 
     print_run_summary(history, device)
     return history
@@ -887,6 +1016,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the model, args.json, metrics.jsonl and eval.json are written")
     g.add_argument("--log_completions_steps", type=non_negative_int, default=10,
                    help="print a sample completion every this many steps; 0 = never")
+    g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
+                   help="start again in an --output_dir that holds a run (its checkpoints and metrics are deleted)")
+
+    g = parser.add_argument_group("checkpoints and faults")
+    g.add_argument("--save_steps", type=non_negative_int, default=50,
+                   help="save a checkpoint (weights, optimizer, reference model, RNG, step) every this many steps; "
+                        "0 = only at the end and when stopped early")
+    g.add_argument("--save_total_limit", type=positive_int, default=2,
+                   help="keep only the newest this many checkpoints (for the 1.5B model each is about 20 GB)")
+    g.add_argument("--resume_from", default=None,
+                   help="carry on from a checkpoint folder, or 'latest' for the newest one in --output_dir")
+    g.add_argument("--max_bad_steps", type=positive_int, default=3,
+                   help="stop (with a checkpoint) after this many steps in a row with a skipped non-finite update")
     return parser
 
 
@@ -918,16 +1060,72 @@ def load_model_and_tokenizer(name: str, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse, run, and turn expected failures into one line and an exit code: 1 for bad input or a
+    non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for an interrupted one."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    stop = StopRequest()
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return run(args)
+        return run(args, stop)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except TrainingStopped as e:
+        where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "no checkpoint saved"
+        print(f"{e}; {where}.\nTo carry on, run the same command with --resume_from latest", file=sys.stderr)
+        sys.exit(128 + e.signum if e.signum else f"error: {e}")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Everything main() does after parsing: load, evaluate, train, evaluate, save."""
+RUN_FILES = ("args.json", "metrics.jsonl", "eval.json", "config.json")
+
+
+def prepare_output_dir(args: argparse.Namespace) -> str | None:
+    """Make output_dir ready and return the checkpoint to resume from (or None).
+
+    A folder that already holds a run is never silently reused: --resume_from carries it on,
+    --overwrite_output_dir deletes its checkpoints, metrics and evaluation and starts again.
+    """
+    out = args.output_dir
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + \
+           [os.path.basename(path) for path in list_checkpoints(out)]
+    if args.resume_from:
+        checkpoint = args.resume_from
+        if checkpoint == "latest":
+            if not list_checkpoints(out):
+                raise DataError(f"--resume_from latest: no checkpoint in {out}")
+            checkpoint = list_checkpoints(out)[-1]
+        if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
+            raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
+        return checkpoint
+    if held and not args.overwrite_output_dir:
+        raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
+                        "or start again with --overwrite_output_dir")
+    if held:  # --overwrite_output_dir: the old run's checkpoints and records go; its final weights are overwritten
+        for path in list_checkpoints(out):
+            shutil.rmtree(path)
+        for name in ("metrics.jsonl", "eval.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    os.makedirs(out, exist_ok=True)
+    return None
+
+
+def keep_metrics_up_to(metrics_path: str, step: int) -> None:
+    """On resume, drop metrics lines of steps after the checkpoint (they will be run again)."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(metrics_path + ".tmp", metrics_path)
+
+
+def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
+    """Everything main() does after parsing: load, evaluate, train (or resume), evaluate, save."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # also seeds every CUDA device
     device = resolve_device(args.device)
@@ -938,17 +1136,20 @@ def run(args: argparse.Namespace) -> list[dict]:
         if args.eval_dataset is None and args.dataset.endswith((".json", ".jsonl")):
             raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
         eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
-    policy, tokenizer = load_model_and_tokenizer(args.model_name, device)
+    resume_from = prepare_output_dir(args)
+    # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
+    policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
     if args.gradient_checkpointing:
         # Recompute activations during backward; transformers applies it only in train mode, and the
         # loop switches to eval mode for generation, so rollouts keep their full speed.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    eval_path = os.path.join(args.output_dir, "eval.json")
+    if resume_from:
+        keep_metrics_up_to(metrics_path, load_training_state(resume_from)["step"])
     with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as f:
         json.dump(vars(args), f, indent=2)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()
     amp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     print(f"device {device} ({n_gpus} GPU(s) via DataParallel)" if n_gpus else "device cpu (float32)")
@@ -958,8 +1159,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     evaluation = {}
     eval_kwargs = dict(max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size,
                        device=device, autocast_dtype=amp_dtype)
-    if eval_examples:
+    if eval_examples and resume_from and os.path.exists(eval_path):
+        with open(eval_path, encoding="utf-8") as f:
+            evaluation = json.load(f)  # the "before" score of the run being resumed
+    elif eval_examples and not resume_from:
         evaluation["before"] = evaluate_model(policy, tokenizer, eval_examples, label="eval before", **eval_kwargs)
+        with open(eval_path, "w", encoding="utf-8") as f:
+            json.dump(evaluation, f, indent=2)
 
     history = train_with_grpo(
         policy, tokenizer, train_examples,
@@ -968,16 +1174,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
         bf16=args.bf16, seed=args.seed, log_completions_steps=args.log_completions_steps,
-        metrics_path=metrics_path,
+        metrics_path=metrics_path, output_dir=args.output_dir, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, resume_from=resume_from, max_bad_steps=args.max_bad_steps, stop=stop,
     )
 
     if eval_examples:
         evaluation["after"] = evaluate_model(policy, tokenizer, eval_examples, label="eval after", **eval_kwargs)
-        with open(os.path.join(args.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+        with open(eval_path, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
-        print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
-            evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],
-            evaluation["before"]["lenient_accuracy"], evaluation["after"]["lenient_accuracy"]))
+        if "before" in evaluation:
+            print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
+                evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],
+                evaluation["before"]["lenient_accuracy"], evaluation["after"]["lenient_accuracy"]))
     policy.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved the trained model, tokenizer and metrics to {args.output_dir}")

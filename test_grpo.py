@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -651,3 +652,154 @@ def test_command_line_error_has_no_traceback(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'missing.jsonl'}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Long runs: checkpoints, resume, interruption, non-finite updates
+# ------------------------------------------------------------------------------------------------
+
+TIMING_KEYS = {"step_seconds", "rollout_seconds", "update_seconds", "tokens_per_second",
+               "generation_tokens_per_second", "train_tokens_per_second"}
+
+
+def _run_flags(tiny_dir, data, out, *extra):
+    return ["--model_name", tiny_dir, "--dataset", data, "--eval_size", "0", "--num_steps", "4", "--batch_size", "2",
+            "--num_generations", "3", "--mu", "2", "--max_completion_length", "8", "--micro_batch_size", "4",
+            "--device", "cpu", "--learning_rate", "1e-2", "--max_grad_norm", "1.0", "--output_dir", str(out),
+            "--log_completions_steps", "0", *extra]
+
+
+def _metrics(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path):
+    from transformers import AutoModelForCausalLM
+
+    return torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(path).parameters()])
+
+
+def _signal_on_call(monkeypatch, function_name, call_number, signum):
+    """Make grpo.<function_name> deliver `signum` to this process on its call_number-th call."""
+    original, calls = getattr(grpo, function_name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call_number:
+            signal.raise_signal(signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, function_name, wrapper)
+
+
+def test_resume_gives_the_same_result_as_never_stopping(tiny_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    grpo.main(_run_flags(tiny_dir, data, tmp_path / "straight"))
+
+    # The same run, stopped by SIGINT during step 2 (rollouts decode once per step), then resumed.
+    _signal_on_call(monkeypatch, "decode_completions", 2, signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed"))
+    assert exit_info.value.code == 130
+    assert [os.path.basename(p) for p in grpo.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
+    assert [m["step"] for m in _metrics(tmp_path / "resumed")] == [1, 2]
+    monkeypatch.undo()
+    grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed", "--resume_from", "latest"))
+
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
+    assert torch.allclose(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"), atol=1e-6)
+
+
+def test_checkpoints_are_complete_and_pruned(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    grpo.main(_run_flags(tiny_dir, data, out, "--save_steps", "1", "--save_total_limit", "2"))
+    assert sorted(os.listdir(out / "checkpoint-4")) == sorted(os.listdir(out / "checkpoint-3"))
+    assert [os.path.basename(p) for p in grpo.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    files = set(os.listdir(out / "checkpoint-4"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_state.pt", "reference_model.pt"} <= files
+    state = grpo.load_training_state(str(out / "checkpoint-4"))
+    assert state["step"] == 4 and state["optimizer"]["state"] and state["reference"] is not None
+    assert torch.equal(_weights(out / "checkpoint-4"), _weights(out))  # the last checkpoint is the final model
+
+
+def test_a_half_written_checkpoint_is_never_resumed(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    grpo.main(_run_flags(tiny_dir, data, out, "--save_steps", "2"))
+    (out / "checkpoint-6.tmp").mkdir()  # what a crash during a save leaves behind
+    assert os.path.basename(grpo.list_checkpoints(out)[-1]) == "checkpoint-4"
+
+
+def test_an_output_dir_holding_a_run_is_not_overwritten(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    grpo.main(_run_flags(tiny_dir, data, out))
+    before = (out / "metrics.jsonl").read_text()
+    message = _main_error(_run_flags(tiny_dir, data, out))
+    assert "already holds a run" in message and "--resume_from latest" in message
+    assert (out / "metrics.jsonl").read_text() == before
+    grpo.main(_run_flags(tiny_dir, data, out, "--overwrite_output_dir", "--num_steps", "2"))
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert [os.path.basename(p) for p in grpo.list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_resume_from_latest_needs_a_checkpoint(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    assert "no checkpoint" in _main_error(_run_flags(tiny_dir, data, tmp_path / "empty", "--resume_from", "latest"))
+
+
+def _nan_advantages_on_steps(monkeypatch, bad_steps):
+    original, calls = grpo.compute_group_advantages, []
+
+    def wrapper(rewards, num_generations):
+        calls.append(1)
+        advantages = original(rewards, num_generations)
+        return advantages * float("nan") if len(calls) in bad_steps else advantages
+
+    monkeypatch.setattr(grpo, "compute_group_advantages", wrapper)
+
+
+def test_a_non_finite_update_is_skipped_and_logged(tiny_dir, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    _nan_advantages_on_steps(monkeypatch, bad_steps={2})
+    history = grpo.main(_run_flags(tiny_dir, data, tmp_path / "run"))
+    assert [r["skipped_updates"] for r in history] == [0, 2, 0, 0]
+    assert [m["loss"] is None for m in _metrics(tmp_path / "run")] == [False, True, False, False]
+    assert "SKIPPED 2/2 non-finite updates" in capsys.readouterr().out
+    assert torch.isfinite(_weights(tmp_path / "run")).all()
+
+
+def test_repeated_non_finite_updates_stop_with_a_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    _nan_advantages_on_steps(monkeypatch, bad_steps={1, 2, 3, 4})
+    message = _main_error(_run_flags(tiny_dir, data, tmp_path / "run", "--max_bad_steps", "3"))
+    assert "3 steps in a row had a non-finite loss" in message
+    assert [os.path.basename(p) for p in grpo.list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
+    assert torch.equal(_weights(tmp_path / "run" / "checkpoint-3"), _weights(tiny_dir))  # no update was applied
+    assert "--resume_from latest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_and_exits(tiny_dir, tmp_path, signum, code):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    flags = _run_flags(tiny_dir, data, out, "--num_steps", "100000")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for line in process.stdout:  # wait until training runs
+            if line.startswith("step 1/"):
+                break
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == code, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume_from latest" in stderr
+    checkpoints = grpo.list_checkpoints(out)
+    assert len(checkpoints) == 1
+    steps_logged = len((out / "metrics.jsonl").read_text().splitlines())
+    assert grpo.load_training_state(checkpoints[0])["step"] == steps_logged >= 1
