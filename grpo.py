@@ -389,7 +389,7 @@ def grpo_loss(
     Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
         rho     = exp(p - p_old)
         surr    = min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i)
-        KL      = exp(q - p) - (q - p) - 1            (>= 0, unbiased for KL(pi_theta || pi_ref))
+        KL      = exp(q - p) - (q - p) - 1            (k3: >= 0, expectation KL(pi_theta || pi_ref))
         obj_t   = surr - beta * KL
     loss = - mean_i [ sum_t mask_it * obj_t / sum_t mask_it ]
 
@@ -400,6 +400,7 @@ def grpo_loss(
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
     assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
+    assert beta == 0.0 or ref_log_probs is not None, "beta > 0 needs the reference log-probs"
     mask = completion_mask.to(log_probs.dtype)  # (N, T)
 
     ratio = torch.exp(log_probs - old_log_probs)  # (N, T)
@@ -478,28 +479,32 @@ class InverseCDFSampler(LogitsProcessor):
     """Draws each next token from softmax(scores / temperature), inside generate().
 
     Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
-    draw u ~ Uniform[0, c_V) and take the first token k with c_k > u; then P(k) = w_k / c_V exactly.
-    It needs one uniform number per sequence. torch.multinomial, which generate() uses when
-    do_sample=True, cost about 30 ms per call over a 151,936-token vocabulary on our CPU, 75% of a
-    rollout; this takes about 7 ms. It returns scores that are -inf except at the drawn token, and
-    generate() runs in greedy mode, so its argmax takes that token: the sampling is all here, and no
-    top-k / top-p setting of the checkpoint can touch it.
+    take u ~ Uniform[0, 1) and the first token k with c_k > u * c_V; then P(k) = w_k / c_V exactly.
+    The uniforms are drawn before generation, one per sequence and new token (n, max_new_tokens), so
+    each sequence's sample depends only on its own logits and its own row of uniforms: DataParallel
+    splits the rows with the prompts, and a rollout is the same on one GPU or eight.
+    It is also fast: torch.multinomial, which generate() uses when do_sample=True, cost about 30 ms
+    per call over a 151,936-token vocabulary on our CPU, 75% of a rollout; this takes about 7 ms.
+    It returns scores that are -inf except at the drawn token, and generate() runs in greedy mode, so
+    its argmax takes that token: the sampling is all here, and no top-k / top-p setting of the
+    checkpoint can touch it.
     """
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
+        self.temperature, self.uniforms, self.prompt_length = temperature, uniforms, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = self.uniforms[:, input_ids.size(1) - self.prompt_length].unsqueeze(1)  # (n, 1), this token's draws
         weights = torch.exp((scores - scores.max(dim=-1, keepdim=True).values) / self.temperature)  # (n, V)
         cdf = weights.cumsum(dim=-1)  # (n, V), unnormalised: the last column is the total
-        u = torch.rand(scores.size(0), 1, device=scores.device) * cdf[:, -1:]  # (n, 1)
-        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
 
 
 class GenerateModule(nn.Module):
-    """forward(prompt_ids, prompt_mask) -> (n, P + max_new_tokens) token ids, padded to that fixed width
-    so DataParallel can concatenate the replicas' outputs. temperature None means greedy decoding."""
+    """forward(prompt_ids, prompt_mask, uniforms) -> (n, P + max_new_tokens) token ids, padded to that
+    fixed width so DataParallel can concatenate the replicas' outputs. uniforms (n, max_new_tokens)
+    drive the sampling (see InverseCDFSampler); temperature None means greedy decoding, no uniforms."""
 
     def __init__(self, model, max_new_tokens, eos_token_ids, pad_token_id, temperature=None, autocast_dtype=None):
         super().__init__()
@@ -507,14 +512,16 @@ class GenerateModule(nn.Module):
         self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
         self.temperature, self.autocast_dtype = temperature, autocast_dtype
 
-    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None = None):
         _expose_replica_parameters(self)
         # Sampling happens in InverseCDFSampler, with generate() in greedy mode. Whatever the
         # checkpoint's generation_config says (Qwen2.5-Instruct ships do_sample, temperature 0.7,
         # top_k 20, top_p 0.8, repetition_penalty 1.05), greedy mode applies none of its sampling
         # filters, and the repetition penalty, which greedy mode would apply, is switched off here.
         # So completions come from exactly softmax(logits / temperature), what the log-probs score.
-        samplers = LogitsProcessorList([InverseCDFSampler(self.temperature)] if self.temperature else [])
+        samplers = LogitsProcessorList()
+        if self.temperature is not None:
+            samplers.append(InverseCDFSampler(self.temperature, uniforms, prompt_ids.size(1)))
         with autocast(prompt_ids.device, self.autocast_dtype):
             sequences = self.model.generate(
                 input_ids=prompt_ids,
@@ -550,11 +557,15 @@ def generate_completions(generator: nn.Module, tokenizer, prompts: list[str], nu
     Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
     the longest completion.
     """
+    module = generator.module if isinstance(generator, nn.DataParallel) else generator  # its settings
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    uniforms = None
+    if module.temperature is not None:  # all the rollout's randomness, drawn here from the seeded RNG
+        uniforms = torch.rand(prompt_ids.size(0), module.max_new_tokens, device=device)  # (N, max_new_tokens)
     with torch.no_grad():
-        sequences = generator(prompt_ids, prompt_mask)  # (N, P + max_new_tokens)
+        sequences = generator(prompt_ids, prompt_mask, uniforms)  # (N, P + max_new_tokens)
     completion_ids = sequences[:, prompt_ids.size(1):]  # (N, max_new_tokens)
     completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, max_new_tokens)
     longest = max(int(completion_mask.sum(dim=1).max()), 1)
@@ -609,11 +620,12 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
     """The example indices of training step `step` (0-based): consecutive slices of a fresh random
     permutation per pass over the data. A pure function of its arguments, so a run is reproducible."""
-    indices = []
+    indices, permutations = [], {}
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, num_examples)
-        permutation = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(permutation[offset]))
+        if epoch not in permutations:  # a batch spans at most two passes
+            permutations[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(permutations[epoch][offset]))
     return indices
 
 
@@ -646,6 +658,41 @@ def make_reference_model(policy: nn.Module, dtype: torch.dtype | None) -> nn.Mod
 
 def micro_batches(num_sequences: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+
+def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              completion_mask: torch.Tensor, advantages: torch.Tensor,
+                              old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
+                              micro_batch_size: int, beta: float, epsilon: float) -> tuple[torch.Tensor, dict]:
+    """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
+
+    The loss is a mean over the N sequences, so a micro-batch of n sequences contributes its own mean
+    loss times n / N: the gradients accumulated in .grad are those of the full batch, while only one
+    micro-batch's (n, T, V) logits exist at a time.
+    old_log_probs None means the policy has not changed since the rollout (the first of the mu updates):
+    this pass's own detached log-probs are then pi_old, with no extra forward pass (rho = 1 here).
+
+    log_prob_fn(input_ids, attention_mask, T) -> (n, T), e.g. a DataParallel-wrapped LogProbModule;
+    input_ids, attention_mask: (N, P + T); completion_mask, old and ref log-probs: (N, T); advantages: (N, 1).
+    Returns old_log_probs (N, T) for the next updates, and the batch's loss, kl and clip_ratio (detached).
+    """
+    num_sequences, num_completion_tokens = completion_mask.shape  # N, T
+    first_update = old_log_probs is None
+    if first_update:
+        old_log_probs = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+    for c in micro_batches(num_sequences, micro_batch_size):
+        log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
+        if first_update:
+            old_log_probs[c] = log_probs.detach()
+        loss, metrics = grpo_loss(log_probs, old_log_probs[c], None if ref_log_probs is None else ref_log_probs[c],
+                                  advantages[c], completion_mask[c], beta, epsilon)
+        weight = (c.stop - c.start) / num_sequences
+        (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
+        totals["loss"] += loss.detach() * weight
+        totals["kl"] += metrics["kl"] * weight
+        totals["clip_ratio"] += metrics["clip_ratio"] * weight
+    return old_log_probs, totals
 
 
 # --- Checkpoints: everything needed to carry on exactly where a run stopped -----------------------
@@ -827,49 +874,33 @@ def train_with_grpo(
 
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
-        num_completion_tokens = completion_ids.size(1)  # T
-        chunks = micro_batches(input_ids.size(0), chunk)
 
         # 4) reference log-probs, once per step, without gradients
         ref_log_probs = None
         if reference_log_probs is not None:
             with torch.no_grad():
-                ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c],
-                                                               num_completion_tokens) for c in chunks])  # (N, T)
+                ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c], completion_ids.size(1))
+                                           for c in micro_batches(input_ids.size(0), chunk)])  # (N, T)
 
         # 5) mu policy updates on this batch
         update_start = time.perf_counter()
         policy.train()
-        old_log_probs = [None] * len(chunks)
+        old_log_probs, skipped = None, 0
         sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
-        skipped = 0
         for update in range(mu):
-            update_loss = 0.0
-            for k, c in enumerate(chunks):
-                log_probs = policy_log_probs(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
-                if update == 0:
-                    # The first update runs on the policy that sampled the batch, so its detached
-                    # log-probs are pi_old: no extra forward pass (and with mu == 1, rho == 1).
-                    old_log_probs[k] = log_probs.detach()
-                loss, metrics = grpo_loss(
-                    log_probs, old_log_probs[k], None if ref_log_probs is None else ref_log_probs[c],
-                    advantages[c], completion_mask[c], beta, epsilon)
-                weight = (c.stop - c.start) / input_ids.size(0)  # the loss is a mean over sequences
-                (loss * weight).backward()
-                update_loss += loss.detach() * weight
-                sums["kl"] += metrics["kl"] * weight / mu
-                sums["clip_ratio"] += metrics["clip_ratio"] * weight / mu
-                del log_probs, loss  # free this micro-batch's graph before the next one
+            old_log_probs, totals = accumulate_grpo_gradients(
+                policy_log_probs, input_ids, attention_mask, completion_mask, advantages,
+                old_log_probs, ref_log_probs, chunk, beta, epsilon)  # old_log_probs: (N, T)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             # A NaN or inf would poison the weights and the AdamW moments for good: skip that update.
             # (One host sync per update, to decide.)
-            if bool(torch.isfinite(grad_norm) & torch.isfinite(update_loss)):
+            if bool(torch.isfinite(grad_norm) & torch.isfinite(totals["loss"])):
                 optimizer.step()
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            sums["loss"] += update_loss / mu
-            sums["grad_norm"] += grad_norm / mu
+            for name, value in {**totals, "grad_norm": grad_norm}.items():
+                sums[name] += value / mu
         bad_steps = bad_steps + 1 if skipped else 0
         update_seconds = time.perf_counter() - update_start
 

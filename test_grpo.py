@@ -7,6 +7,7 @@ four format tags and the chat markers as single tokens, a Qwen-like chat templat
 the data are small JSONL files written by the tests.
 """
 
+import copy
 import importlib
 import json
 import math
@@ -420,12 +421,29 @@ def test_generate_completions_groups_and_masks(tiny):
 def test_sampler_draws_from_softmax_at_the_temperature():
     torch.manual_seed(0)
     scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5, -30.0]]).repeat(100_000, 1)  # (n, V)
+    prompt = torch.zeros(100_000, 3, dtype=torch.long)  # (n, P): the first new token is being drawn
     for temperature in (1.0, 0.5):
-        out = grpo.InverseCDFSampler(temperature)(None, scores)  # (n, V): 0 at the drawn token, -inf elsewhere
+        sampler = grpo.InverseCDFSampler(temperature, torch.rand(100_000, 4), prompt_length=3)
+        out = sampler(prompt, scores)  # (n, V): 0 at the drawn token, -inf elsewhere
         assert torch.equal((out == 0).sum(dim=1), torch.ones(len(scores), dtype=torch.long))
         frequencies = torch.bincount(out.argmax(dim=1), minlength=6).double() / len(scores)
         expected = torch.softmax(scores[0].double() / temperature, dim=-1)
         assert torch.allclose(frequencies, expected, atol=0.006), (temperature, frequencies, expected)
+
+
+def test_a_rollout_does_not_depend_on_how_dataparallel_splits_it(tiny):
+    model, tokenizer = tiny
+    model.eval()
+    eos = grpo.end_of_sequence_ids(model, tokenizer)
+    generator = grpo.GenerateModule(model, 10, eos, tokenizer.pad_token_id, temperature=1.0)
+    prompt_ids = tokenizer([grpo.build_prompt(tokenizer, "Tom has 3 apples.")] * 6, return_tensors="pt")["input_ids"]
+    mask, uniforms = torch.ones_like(prompt_ids), torch.rand(6, 10)
+    with torch.no_grad():
+        whole = generator(prompt_ids, mask, uniforms)  # one device
+        halves = torch.cat([generator(prompt_ids[:3], mask[:3], uniforms[:3]),  # two replicas' shares
+                            generator(prompt_ids[3:], mask[3:], uniforms[3:])])
+    assert torch.equal(whole, halves)
+    assert len({tuple(row) for row in whole.tolist()}) > 1  # and the rows are different samples
 
 
 def test_rollouts_ignore_the_checkpoints_sampling_settings(tiny):
@@ -465,6 +483,11 @@ def test_the_dataparallel_wrappers_run_on_a_replica(tiny, monkeypatch):
         got = _fake_replicate(generator, monkeypatch)(prompt_ids, torch.ones_like(prompt_ids))
     assert got.shape == (1, prompt_ids.size(1) + 6)  # padded to a fixed width for the gather
     assert torch.equal(got, expected)  # greedy: the replica generates what the model does
+    sampler = grpo.GenerateModule(model, 6, eos, tokenizer.pad_token_id, temperature=1.0)
+    uniforms = torch.rand(1, 6)
+    with torch.no_grad():
+        assert torch.equal(_fake_replicate(sampler, monkeypatch)(prompt_ids, torch.ones_like(prompt_ids), uniforms),
+                           sampler(prompt_ids, torch.ones_like(prompt_ids), uniforms))
 
     log_prob_module = grpo.LogProbModule(model, temperature=1.0)
     with torch.no_grad():
@@ -504,16 +527,42 @@ def _train(model, tokenizer, examples, **overrides):
     return grpo.train_with_grpo(model, tokenizer, examples, **settings)
 
 
-def test_micro_batches_give_the_full_batch_update(tiny_dir):
-    examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "mb.jsonl"), arithmetic_rows(8)))
-    weights = []
-    for micro_batch_size in (8, 3, 1):
-        model, tokenizer = grpo.load_model_and_tokenizer(tiny_dir, torch.device("cpu"))
-        history = _train(model, tokenizer, examples, micro_batch_size=micro_batch_size)
-        weights.append((torch.cat([p.detach().flatten() for p in model.parameters()]), history[0]["loss"]))
-    for vector, loss in weights[1:]:
-        assert torch.allclose(vector, weights[0][0], atol=1e-6)
-        assert loss == pytest.approx(weights[0][1], abs=1e-6)
+def _two_updates(model, micro_batch_size, batch):
+    """Gradients of two GRPO updates (the policy nudged in between) with the given micro-batch size."""
+    input_ids, attention_mask, completion_mask, advantages, ref_log_probs = batch
+    log_prob_fn = grpo.LogProbModule(model, temperature=0.9)
+    noise = torch.Generator().manual_seed(1)
+    old, results = None, []
+    for update in range(2):
+        model.zero_grad(set_to_none=True)
+        old, totals = grpo.accumulate_grpo_gradients(log_prob_fn, input_ids, attention_mask, completion_mask,
+                                                     advantages, old, ref_log_probs, micro_batch_size, 0.04, 0.2)
+        results.append((old.clone(), totals["loss"].item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+        with torch.no_grad():  # move the policy so that the second update's ratio is not 1
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=noise), alpha=1e-2)
+    return results
+
+
+def test_micro_batches_give_the_full_batch_gradient(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    prompt_ids = tokenizer([grpo.build_prompt(tokenizer, "Tom has 3 apples.")], return_tensors="pt")["input_ids"]
+    input_ids = torch.cat([prompt_ids.repeat(6, 1), torch.randint(0, 300, (6, 5))], dim=1)  # (6, P + 5)
+    attention_mask = torch.ones_like(input_ids)
+    completion_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] + [0] * 4, [1] * 4 + [0], [1] * 5])
+    with torch.no_grad():
+        ref_log_probs = grpo.compute_log_probs(model, input_ids, attention_mask, 5) - 0.1  # (6, 5)
+    batch = (input_ids, attention_mask, completion_mask, torch.randn(6, 1), ref_log_probs)
+    initial = copy.deepcopy(model.state_dict())
+    full = _two_updates(model, 6, batch)
+    assert torch.count_nonzero(full[1][2]) > 0 and full[1][1] != full[0][1]
+    for micro_batch_size in (4, 1):
+        model.load_state_dict(initial)
+        for (old, loss, grads), (old_full, loss_full, grads_full) in zip(_two_updates(model, micro_batch_size, batch), full):
+            assert torch.allclose(old, old_full, atol=1e-6)
+            assert loss == pytest.approx(loss_full, abs=1e-6)
+            assert torch.allclose(grads, grads_full, atol=1e-6, rtol=1e-5)
 
 
 def test_no_reference_model_is_made_when_beta_is_zero(tiny, tiny_dir, monkeypatch):
