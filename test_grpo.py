@@ -9,12 +9,14 @@ the data are small JSONL files written by the tests.
 
 import copy
 import importlib
+import inspect
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -53,9 +55,12 @@ def build_tokenizer():
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS, vocab_size=330, min_frequency=2, show_progress=False)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>")
+    special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if "vocab_file" in inspect.signature(Qwen2Tokenizer.__init__).parameters:  # transformers 4 reads files
+        tokenizer = Qwen2Tokenizer(*bpe.save_model(tempfile.mkdtemp()), **special)
+    else:  # transformers 5 takes the vocabulary and merges themselves
+        merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+        tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, **special)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.add_tokens(TAGS)
     tokenizer.chat_template = CHAT_TEMPLATE
