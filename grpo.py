@@ -284,11 +284,13 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         ctx.used = True
         # The only full-size tensor of the backward pass; with overwrite_logits it is the logits' own memory.
         grad_logits = logits if ctx.overwrite_logits else torch.empty_like(logits)  # (N, T, V)
-        for i in range(logits.size(0)):  # one sequence at a time: the temporaries are (T, V)
-            softmax = torch.exp(logits[i].float() - log_normalizers[i].unsqueeze(-1))  # (T, V)
-            softmax.mul_(-grad_output[i].unsqueeze(-1))  # (T, V): -g * softmax
-            softmax.scatter_add_(-1, token_ids[i].unsqueeze(-1), grad_output[i].unsqueeze(-1).float())  # + g * onehot
-            grad_logits[i] = softmax
+        for i in range(logits.size(0)):  # one sequence at a time
+            g = grad_output[i].unsqueeze(-1).float()  # (T, 1)
+            # A float32 working copy of this row; for float32 logits being overwritten, the row itself.
+            row = logits[i].to(torch.float32, copy=not ctx.overwrite_logits)  # (T, V)
+            row.sub_(log_normalizers[i].unsqueeze(-1)).exp_()  # (T, V): softmax
+            row.mul_(-g).scatter_add_(-1, token_ids[i].unsqueeze(-1), g)  # (T, V): g * (onehot - softmax)
+            grad_logits[i] = row  # (a copy onto itself when row is already grad_logits[i])
         return grad_logits, None, None
 
 
@@ -844,6 +846,9 @@ def train_with_grpo(
 
     reference = reference_log_probs = None
     for step in range(first_step, total_steps):  # step: 0-based global step
+        if stop is not None and stop.is_set():  # a signal before the first step (e.g. during evaluation)
+            raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} before step {step + 1}",
+                                  None, stop.signum)
         iteration = step // num_steps
         if beta != 0.0 and (reference is None or step % num_steps == 0):
             # The reference model is a frozen copy of the policy at the start of each iteration; a run
@@ -1079,7 +1084,8 @@ def load_model_and_tokenizer(name: str, device: torch.device):
         raise DataError(f"model directory not found: {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32,
+                                                     attn_implementation="sdpa")  # fused attention kernels
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"could not load model '{name}': {first_line}") from None
@@ -1102,9 +1108,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except DataError as e:
         sys.exit(f"error: {e}")
     except TrainingStopped as e:
-        where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "no checkpoint saved"
-        print(f"{e}; {where}.\nTo carry on, run the same command with --resume_from latest", file=sys.stderr)
-        sys.exit(128 + e.signum if e.signum else f"error: {e}")
+        where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "nothing new to save"
+        resume = "to carry on, run the same command with --resume_from latest"
+        if e.signum is None:  # non-finite updates
+            sys.exit(f"error: {e}; {where}; {resume} once the cause is fixed")
+        print(f"{e}; {where}; {resume}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now
+        print("interrupted; quit without saving", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

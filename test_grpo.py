@@ -826,14 +826,24 @@ def test_a_non_finite_update_is_skipped_and_logged(tiny_dir, tmp_path, monkeypat
     assert torch.isfinite(_weights(tmp_path / "run")).all()
 
 
-def test_repeated_non_finite_updates_stop_with_a_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_repeated_non_finite_updates_stop_with_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
     _nan_advantages_on_steps(monkeypatch, bad_steps={1, 2, 3, 4})
     message = _main_error(_run_flags(tiny_dir, data, tmp_path / "run", "--max_bad_steps", "3"))
-    assert "3 steps in a row had a non-finite loss" in message
+    assert "3 steps in a row had a non-finite loss" in message and "--resume_from latest" in message
     assert [os.path.basename(p) for p in grpo.list_checkpoints(tmp_path / "run")] == ["checkpoint-3"]
     assert torch.equal(_weights(tmp_path / "run" / "checkpoint-3"), _weights(tiny_dir))  # no update was applied
-    assert "--resume_from latest" in capsys.readouterr().err
+
+
+def test_a_signal_before_training_starts_stops_without_a_step(tiny_dir, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(16)[12:])
+    _signal_on_call(monkeypatch, "decode_completions", 1, signal.SIGTERM)  # during the "before" evaluation
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.main(_run_flags(tiny_dir, data, tmp_path / "run", "--eval_dataset", held_out, "--eval_size", "2"))
+    assert exit_info.value.code == 143
+    assert "before step 1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not grpo.list_checkpoints(tmp_path / "run")
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
