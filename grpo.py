@@ -740,7 +740,7 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, re
 
 def load_training_state(checkpoint_dir: str) -> dict:
     """The counters, optimizer state, RNG states (and the reference weights, if saved) of a checkpoint."""
-    state = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=True)  # no pickled code
     reference_path = os.path.join(checkpoint_dir, "reference_model.pt")
     state["reference"] = torch.load(reference_path, weights_only=True) if os.path.exists(reference_path) else None
     return state
