@@ -1125,15 +1125,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 RUN_FILES = ("args.json", "metrics.jsonl", "eval.json", "config.json")
 
 
-def prepare_output_dir(args: argparse.Namespace) -> str | None:
-    """Make output_dir ready and return the checkpoint to resume from (or None).
+def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from (or None), after checking that --output_dir may be used; no side effects.
 
     A folder that already holds a run is never silently reused: --resume_from carries it on,
-    --overwrite_output_dir deletes its checkpoints, metrics and evaluation and starts again.
+    --overwrite_output_dir starts again (see clear_previous_run).
     """
     out = args.output_dir
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + \
-           [os.path.basename(path) for path in list_checkpoints(out)]
     if args.resume_from:
         checkpoint = args.resume_from
         if checkpoint == "latest":
@@ -1143,17 +1141,22 @@ def prepare_output_dir(args: argparse.Namespace) -> str | None:
         if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
             raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
         return checkpoint
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + \
+           [os.path.basename(path) for path in list_checkpoints(out)]
     if held and not args.overwrite_output_dir:
         raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
                         "or start again with --overwrite_output_dir")
-    if held:  # --overwrite_output_dir: the old run's checkpoints and records go; its final weights are overwritten
-        for path in list_checkpoints(out):
-            shutil.rmtree(path)
-        for name in ("metrics.jsonl", "eval.json"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    os.makedirs(out, exist_ok=True)
     return None
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """--overwrite_output_dir: delete the old run's checkpoints, metrics and evaluation (its final
+    weights are overwritten at the end). Called only once the new run's model has loaded."""
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+    for name in ("metrics.jsonl", "eval.json"):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
 
 
 def keep_metrics_up_to(metrics_path: str, step: int) -> None:
@@ -1179,9 +1182,12 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         if args.eval_dataset is None and args.dataset.endswith((".json", ".jsonl")):
             raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
         eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
-    resume_from = prepare_output_dir(args)
+    resume_from = checkpoint_to_resume(args)
     # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
     policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
+    if args.overwrite_output_dir and not resume_from:
+        clear_previous_run(args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that fails to start leaves nothing behind
     if args.gradient_checkpointing:
         # Recompute activations during backward; transformers applies it only in train mode, and the
         # loop switches to eval mode for generation, so rollouts keep their full speed.

@@ -663,8 +663,20 @@ def _main_error(argv):
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(2))
-    message = _main_error(["--model_name", str(tmp_path / "nope"), "--dataset", data, "--eval_size", "0"])
+    out = tmp_path / "out"
+    message = _main_error(["--model_name", str(tmp_path / "nope"), "--dataset", data, "--eval_size", "0",
+                           "--output_dir", str(out)])
     assert "model directory not found" in message
+    assert not out.exists()  # a run that fails to start leaves nothing behind
+
+
+def test_a_bad_model_name_does_not_delete_the_run_to_overwrite(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "1"))
+    flags = _run_flags(str(tmp_path / "typo"), data, out, "--overwrite_output_dir")
+    assert "model directory not found" in _main_error(flags)
+    assert grpo.list_checkpoints(out) and (out / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("content, message", [
