@@ -438,11 +438,9 @@ def grpo_loss(
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     """module wrapped in nn.DataParallel over every visible GPU when device is CUDA; unchanged on CPU."""
-    if device.type == "cuda":
-        return nn.DataParallel(module)
-    # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move
-    # the work to the GPUs, so the module is left unwrapped.
-    return nn.DataParallel(module) if not torch.cuda.is_available() else module
+    # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move the
+    # work to the GPUs, so then the module is left unwrapped.
+    return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -753,6 +751,17 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def keep_metrics_up_to(metrics_path: str, step: int) -> None:
+    """On resume, drop metrics lines of steps after the checkpoint (they will be run again)."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(metrics_path + ".tmp", metrics_path)
+
+
 class TrainingStopped(Exception):
     """Training ended early with a checkpoint: by a signal (signum set) or by repeated non-finite updates."""
 
@@ -841,6 +850,8 @@ def train_with_grpo(
         first_step, bad_steps = resumed["step"], resumed["bad_steps"]
         optimizer.load_state_dict(resumed["optimizer"])
         restore_rng(resumed["rng"])
+        if metrics_path:
+            keep_metrics_up_to(metrics_path, first_step)
         print(f"resumed from {resume_from} at step {first_step}/{total_steps}")
     run_start = time.perf_counter()
 
@@ -1060,7 +1071,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a checkpoint (weights, optimizer, reference model, RNG, step) every this many steps; "
                         "0 = only at the end and when stopped early")
     g.add_argument("--save_total_limit", type=positive_int, default=2,
-                   help="keep only the newest this many checkpoints (for the 1.5B model each is about 20 GB)")
+                   help="keep only the newest this many checkpoints (for the 1.5B model each is about 22 GB)")
     g.add_argument("--resume_from", default=None,
                    help="carry on from a checkpoint folder, or 'latest' for the newest one in --output_dir")
     g.add_argument("--max_bad_steps", type=positive_int, default=3,
@@ -1159,17 +1170,6 @@ def clear_previous_run(output_dir: str) -> None:
             os.remove(os.path.join(output_dir, name))
 
 
-def keep_metrics_up_to(metrics_path: str, step: int) -> None:
-    """On resume, drop metrics lines of steps after the checkpoint (they will be run again)."""
-    if not os.path.exists(metrics_path):
-        return
-    with open(metrics_path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(metrics_path + ".tmp", metrics_path)
-
-
 def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
     """Everything main() does after parsing: load, evaluate, train (or resume), evaluate, save."""
     random.seed(args.seed)
@@ -1195,8 +1195,6 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_path = os.path.join(args.output_dir, "eval.json")
-    if resume_from:
-        keep_metrics_up_to(metrics_path, load_training_state(resume_from)["step"])
     with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as f:
         json.dump(vars(args), f, indent=2)
     amp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
