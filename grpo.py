@@ -630,11 +630,13 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> l
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A text bar like [#####...............] for done out of total."""
     filled = int(width * done / max(total, 1))
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
 def format_seconds(seconds: float) -> str:
+    """Seconds as h:mm:ss, for the ETA."""
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
@@ -657,6 +659,7 @@ def make_reference_model(policy: nn.Module, dtype: torch.dtype | None) -> nn.Mod
 
 
 def micro_batches(num_sequences: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` sequences covering range(num_sequences): the rows of (N, ...) tensors."""
     return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
 
 
@@ -745,6 +748,7 @@ def load_training_state(checkpoint_dir: str) -> dict:
 
 
 def restore_rng(rng: dict) -> None:
+    """Put back the python, torch and CUDA random states saved by save_checkpoint."""
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
@@ -1015,6 +1019,7 @@ open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every hyperparameter as a flag, grouped; defaults follow the seed notebook's run."""
     parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module docstring).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model and data")
@@ -1080,6 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(choice: str) -> torch.device:
+    """--device auto/cuda/cpu as a torch.device (cuda means GPU 0, with DataParallel over all visible GPUs)."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for, but torch sees no GPU")
     if choice == "auto":
