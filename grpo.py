@@ -5,11 +5,18 @@ it samples a *group* of G completions, scores each with a rule-based reward, and
 than its group a completion did as the advantage of every one of its tokens. Those advantages enter
 PPO's clipped objective, with a KL penalty that keeps the policy near a frozen reference model.
 
-Read this file top to bottom; it is ordered like the tutorial it follows:
-    1. prompts and answer extraction    5. the GRPO loss
-    2. rewards                          6. rollouts (sampling completions) and evaluation
-    3. group-relative advantages        7. the training loop (DataParallel on every visible GPU)
-    4. per-token log-probabilities      8. the command line
+Two ways through this file:
+    First reading, the tutorial (GRPO and nothing else), in this order:
+        1. prompts and answer extraction      6. rollouts: sampling G completions per prompt
+        2. rewards                            7. evaluation
+        3. group-relative advantages          8. the training loop
+        4. per-token log-probs and the mask   9. the command line
+        5. the GRPO loss
+    Engineering, in fenced sections a first reading skips (each banner says where the tutorial resumes):
+        A. the in-place log-softmax backward (memory)           before section 4
+        B. exact sampling and DataParallel (speed, several GPUs) before section 6
+        C. logs, checkpoints, resume, signals and faults         before section 8
+        D. loading data and models, and their error messages    before section 9
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
     - advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased (sample) std, one value
@@ -22,12 +29,13 @@ Which GRPO this is (the paper leaves these open; each is settled in the docstrin
     - mu         policy updates per batch of rollouts; pi_old is the policy that sampled them.
 
 One training step (the numbered phases of train_with_grpo):
-    1) take B prompts from the training set
+    1) take B prompts from the training set (a new reference model at the start of each iteration)
     2) roll out G completions per prompt with the current policy (KV cache, eval mode, no grad)
     3) score them: rewards -> group-relative advantages
     4) score the completions under the reference model (when beta > 0)
     5) mu times: loss over micro-batches, gradients accumulated, clipped, one AdamW step
-    6) log (and every few steps, print a sample completion)
+    6) log the step
+    7) save a checkpoint when one is due; stop here if asked to
 
 Commands:
     python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
@@ -50,18 +58,21 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # 1. Prompts and answer extraction
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# The model is asked to think inside <reasoning> tags and answer inside <answer> tags; GSM8K's
+# reference solutions end with "#### <answer>". Rewards compare the two.
 
 SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 
@@ -72,6 +83,7 @@ def build_prompt(tokenizer, question: str) -> str:
     An instruct model was trained on its chat template; joining strings by hand gives it a format it
     never saw. add_generation_prompt=True ends the text with the assistant header, so the model's
     next token is the first token of its answer.
+    Copy with: SYSTEM_PROMPT.
     """
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -107,16 +119,15 @@ def extract_answer_from_dataset(text: str) -> str | None:
     return text.split("####", 1)[1].strip()
 
 
-# A number: optional sign, digits with an optional decimal part (or a bare ".5").
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)")
-# A thousands separator: a comma between a digit and exactly three digits ("1,080" -> "1080").
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+def numbers_in(text: str) -> list[float]:
+    """Every number in text, in order, after dropping '$', '%' and thousands commas ("1,080" -> 1080).
 
-
-def _numbers(text: str) -> list[float]:
-    """Every number in text, in order, after dropping '$', '%' and thousands commas."""
-    text = _THOUSANDS_COMMA.sub("", text.replace("$", "").replace("%", ""))
-    return [float(m) for m in _NUMBER.findall(text)]
+    >>> numbers_in("$1,080.50 for 3 items")
+    [1080.5, 3.0]
+    """
+    text = text.replace("$", "").replace("%", "")
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # a comma between a digit and exactly 3 digits
+    return [float(m) for m in re.findall(r"[-+]?(?:\d+(?:\.\d+)?|\.\d+)", text)]  # sign, digits, decimals
 
 
 def extract_single_number(text: str) -> float | None:
@@ -126,86 +137,37 @@ def extract_single_number(text: str) -> float | None:
     1080.5
     >>> extract_single_number("3 or 4") is None
     True
+
+    Copy with: numbers_in.
     """
-    numbers = _numbers(text)
+    numbers = numbers_in(text)
     return numbers[0] if len(numbers) == 1 else None
 
 
 def extract_last_number(text: str) -> float | None:
-    """The last number in text, or None; used for lenient accuracy ("the answer is 72.")."""
-    numbers = _numbers(text)
+    """The last number in text, or None; used for lenient accuracy ("the answer is 72.").
+
+    Copy with: numbers_in.
+    """
+    numbers = numbers_in(text)
     return numbers[-1] if numbers else None
 
 
-class DataError(ValueError):
-    """A data set or model that cannot be used; main() prints its message as one line and exits 1."""
-
-
-def _gsm8k_rows(source: str, split: str) -> list[dict]:
-    """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
-    if source.endswith((".json", ".jsonl")):
-        if not os.path.isfile(source):
-            raise DataError(f"data file not found: {source}")
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            raise DataError(f"data file is empty: {source}")
-        try:
-            if text.lstrip().startswith("["):
-                return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
-    if os.path.exists(source):
-        raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
-    import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
-
-    try:
-        return list(datasets.load_dataset(source, "main", split=split))
-    except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}") from None
-
-
-def load_gsm8k(source: str, split: str = "train") -> list[dict]:
-    """GSM8K-style examples as [{"question": str, "answer": str}], the answer being the part after '####'.
-
-    source is a hub name ("openai/gsm8k", config "main") or a local .json/.jsonl file with the same
-    `question` / `answer` fields. Rows whose answer has no '####' are skipped and counted; an error is
-    raised only if no row remains.
-    """
-    rows = _gsm8k_rows(source, split)
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
-    if not rows:
-        raise DataError(f"{source}: no examples")
-    missing = {"question", "answer"} - set(rows[0])
-    if missing:
-        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {sorted(missing)}")
-    examples, skipped = [], 0
-    for row in rows:
-        answer = extract_answer_from_dataset(str(row.get("answer", "")))
-        if answer is None or not str(row.get("question", "")).strip():
-            skipped += 1
-            continue
-        examples.append({"question": str(row["question"]), "answer": answer})
-    if not examples:
-        raise DataError(f"{source}: none of the {len(rows)} rows has a question and an answer with '####'")
-    if skipped:
-        print(f"{source}: skipped {skipped} of {len(rows)} rows without a question or a '####' answer")
-    return examples
-
-
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # 2. Rewards: rule-based, checkable by string comparison, no reward model
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# GRPO needs only a number per completion. Here it is the sum of two rules: is the answer right
+# (0 to 2.0), and is the format there (0 to 0.8).
 
 FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 
 
 def correctness_reward(completions: list[str], answers: list[str]) -> list[float]:
     """2.0 if the <answer> content equals the reference answer as a string, 1.5 if it holds the same
-    single number ("$1,080" for "1080"), else 0.0 (also for a missing or unclosed <answer>)."""
+    single number ("$1,080" for "1080"), else 0.0 (also for a missing or unclosed <answer>).
+
+    Copy with: extract_answer_from_model_output, extract_single_number, numbers_in.
+    """
     rewards = []
     for completion, answer in zip(completions, answers, strict=True):
         predicted = extract_answer_from_model_output(completion)
@@ -224,19 +186,26 @@ def format_reward(completions: list[str]) -> list[float]:
 
     A partial, per-tag reward gives the policy a gradient towards the format long before it produces
     the whole template at once.
+    Copy with: FORMAT_TAGS.
     """
     return [0.2 * sum(tag in completion for tag in FORMAT_TAGS) for completion in completions]
 
 
 def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
-    """correctness (0 to 2.0) + format (0 to 0.8): the scalar reward r_i of each completion, 0 to 2.8."""
+    """correctness (0 to 2.0) + format (0 to 0.8): the scalar reward r_i of each completion, 0 to 2.8.
+
+    Copy with: correctness_reward, format_reward, FORMAT_TAGS, extract_answer_from_model_output,
+    extract_single_number, numbers_in.
+    """
     correct, formatted = correctness_reward(completions, answers), format_reward(completions)
     return [c + f for c, f in zip(correct, formatted)]
 
 
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # 3. Group-relative advantages: the part of GRPO that replaces PPO's critic
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# PPO learns a value network to say how good a state is; GRPO asks instead how a completion did
+# compared with the other completions of the same prompt.
 
 
 def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -244,7 +213,9 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> tor
 
     rewards: (N,) with N = B * G, the G completions of each prompt consecutive.
     std is the unbiased sample std (torch's default, divisor G - 1), so G must be at least 2.
-    The 1e-4 keeps a group whose completions all got the same reward at A = 0 instead of 0/0.
+    A group whose rewards are all equal carries no signal and gets exactly A = 0. (The 1e-4 alone does
+    not ensure it: in float32 the mean of eight 2.8s is one rounding step off 2.8, and that error
+    divided by 1e-4 would be an advantage of about 5e-3.)
     Returns (N, 1), ready to broadcast over the T tokens of each completion.
 
     The worked example: rewards [1, 2, 3, 4, 5, 6] with G = 3 have group means 2 and 5 and stds 1,
@@ -256,62 +227,86 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> tor
     grouped = rewards.view(-1, num_generations)  # (B, G)
     mean = grouped.mean(dim=1, keepdim=True)  # (B, 1)
     std = grouped.std(dim=1, keepdim=True)  # (B, 1), unbiased
-    advantages = (grouped - mean) / (std + 1e-4)  # (B, G)
+    all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # (B, 1)
+    centered = torch.where(all_equal, 0.0, grouped - mean)  # (B, G)
+    advantages = centered / (std + 1e-4)  # (B, G)
     return advantages.reshape(-1, 1)  # (N, 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Per-token log-probabilities
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# Engineering A: the in-place log-softmax backward, which saves most of an update's memory
+# (skip on first reading; the tutorial continues at section 4)
+# ================================================================================================
+# With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of a policy update:
+# 4 sequences x 400 tokens x 151,936 x 4 bytes = 0.97 GB. Through plain autograd, log_softmax and
+# gather keep or build several tensors of that size for the backward pass. Written by hand, the
+# backward needs none: it turns the logits into their own gradient, row by row.
 
 
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log softmax(logits)[token] with a hand-written backward; see selective_log_softmax."""
+class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / temperature)[token], whose backward overwrites the logits with their gradient.
+
+    forward:   log p(x) = logit[x] / T - logsumexp(logits / T), one sequence at a time, in float32
+    backward:  d log p(x) / d logits = (onehot(x) - softmax(logits / T)) / T, written into the logits
+
+    The temperature is applied in float32 inside the logsumexp: dividing bf16 logits by T first would
+    round logit / T to bf16 (up to 0.013 in a log-prob at T = 0.7). Because the backward destroys the
+    logits, it can run once only, and the logits must be read by nothing else (compute_log_probs owns
+    them). forward(logits (N, T, V), token_ids (N, T), temperature) -> (N, T) float32.
+    """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, overwrite_logits: bool) -> torch.Tensor:
-        token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float()  # (N, T)
-        log_normalizers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T)
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
+        log_normalizers = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])  # (N, T)
         ctx.save_for_backward(logits, token_ids, log_normalizers)
-        ctx.overwrite_logits = overwrite_logits
+        ctx.temperature, ctx.used = temperature, False
         return token_logits - log_normalizers  # (N, T)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        logits, token_ids, log_normalizers = ctx.saved_tensors
-        if ctx.overwrite_logits and getattr(ctx, "used", False):
-            raise RuntimeError("selective_log_softmax(overwrite_logits=True) supports one backward pass only")
+        if ctx.used:  # checked before saved_tensors, which would raise autograd's own in-place error
+            raise RuntimeError("compute_log_probs supports one backward pass only: its backward reuses the "
+                               "logits' memory for their gradient (compute the log-probs again to differentiate again)")
         ctx.used = True
-        # The only full-size tensor of the backward pass; with overwrite_logits it is the logits' own memory.
-        grad_logits = logits if ctx.overwrite_logits else torch.empty_like(logits)  # (N, T, V)
+        logits, token_ids, log_normalizers = ctx.saved_tensors
+        t = ctx.temperature
         for i in range(logits.size(0)):  # one sequence at a time
-            g = grad_output[i].unsqueeze(-1).float()  # (T, 1)
-            # A float32 working copy of this row; for float32 logits being overwritten, the row itself.
-            row = logits[i].to(torch.float32, copy=not ctx.overwrite_logits)  # (T, V)
-            row.sub_(log_normalizers[i].unsqueeze(-1)).exp_()  # (T, V): softmax
-            row.mul_(-g).scatter_add_(-1, token_ids[i].unsqueeze(-1), g)  # (T, V): g * (onehot - softmax)
-            grad_logits[i] = row  # (a copy onto itself when row is already grad_logits[i])
-        return grad_logits, None, None
+            g = grad_output[i].unsqueeze(-1).float() / t  # (T, 1)
+            row = logits[i].float()  # (T, V): float32 logits are this very memory; bf16 ones get a float32 copy
+            if t != 1.0:
+                row.div_(t)
+            row.sub_(log_normalizers[i].unsqueeze(-1)).exp_()  # (T, V): softmax(logits / T)
+            row.mul_(-g).scatter_add_(-1, token_ids[i].unsqueeze(-1), g)  # (T, V): (onehot - softmax) / T * grad
+            logits[i] = row  # a no-op for float32 (row is logits[i]); rounds back to bf16 otherwise
+        return logits, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
+# ================================================================================================
+# 4. Per-token log-probabilities and the completion mask
+# ================================================================================================
+# The ratio and the KL of the loss are built from log pi(o_t | q, o_<t): the log-probability that a
+# model gives to each token the policy actually sampled. One function computes it for the policy,
+# the old policy and the reference model.
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[x] for one chosen token x per position, without a (N, T, V) log_softmax.
 
-    forward:   log p(x) = logit[x] - logsumexp(logits), the logsumexp one sequence at a time in float32
-    backward:  d log p(x) / d logits = onehot(x) - softmax(logits), also one sequence at a time
-    Through plain autograd, gather and the logsumexp would each keep or build (N, T, V) tensors in the
-    backward pass; written by hand, the only full-size tensors are the logits and their gradient. With
-    Qwen2.5's 151,936-token vocabulary that is most of the memory of a policy update.
-    overwrite_logits=True lets the backward pass write the gradient into the logits' memory, saving
-    one more (N, T, V) tensor: only for logits that nothing else reads afterwards.
+    log p(x) = logit[x] - logsumexp(logits), the logsumexp one sequence at a time in float32.
+    It equals torch.log_softmax(logits, -1).gather(-1, token_ids[..., None])[..., 0] but never holds
+    the full (N, T, V) log-probabilities in the forward pass. Differentiable by plain autograd; it
+    changes nothing it is given.
 
     logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
     """
-    return _SelectiveLogSoftmax.apply(logits, token_ids, overwrite_logits)
+    token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float()  # (N, T)
+    log_normalizers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T)
+    return token_logits - log_normalizers  # (N, T)
 
 
 def compute_log_probs(
-    model: nn.Module,
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     logits_to_keep: int,
@@ -324,6 +319,11 @@ def compute_log_probs(
 
     The logits are divided by the sampling temperature: the completions were sampled from
     softmax(logits / temperature), and the ratio and KL must score them under that same distribution.
+    The plain equivalent of the last line is
+        torch.log_softmax(logits.float() / temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
+    which is not used because its backward holds several (N, T, V) tensors; InPlaceSelectiveLogSoftmax
+    holds none beyond the logits. The price: the result can be differentiated once (one backward pass).
+    Copy with: InPlaceSelectiveLogSoftmax.
     """
     # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (N, P + T)
@@ -339,10 +339,8 @@ def compute_log_probs(
         logits_to_keep=keep,
         use_cache=False,  # no KV cache to build: this is one full forward pass
     ).logits  # (N, T, V)
-    if temperature != 1.0:
-        logits.div_(temperature)  # in place: no second (N, T, V) tensor (the LM head's backward needs no logits)
-    # These logits are ours alone, so the backward pass may reuse their memory for their gradient.
-    return selective_log_softmax(logits, input_ids[:, -logits_to_keep:], overwrite_logits=True)  # (N, T)
+    completion_ids = input_ids[:, -logits_to_keep:]  # (N, T)
+    return InPlaceSelectiveLogSoftmax.apply(logits, completion_ids, temperature)  # (N, T)
 
 
 def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -364,9 +362,9 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
     return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (N, T)
 
 
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # 5. The GRPO loss
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 
 
 def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -399,6 +397,7 @@ def grpo_loss(
     beta == 0); advantages: (N, 1); completion_mask: (N, T).
     Returns the scalar loss and detached metrics averaged the same way: kl, clip_ratio (share of tokens
     whose clipped term is the smaller one, i.e. that get no gradient from the surrogate).
+    Copy with: masked_sequence_mean.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
     assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
@@ -426,14 +425,16 @@ def grpo_loss(
     return loss, metrics
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Rollouts and evaluation, through DataParallel
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# Engineering B: exact sampling and DataParallel
+# (skip on first reading; the tutorial continues at section 6)
+# ================================================================================================
 # nn.DataParallel splits a module's tensor inputs along dim 0 across the visible GPUs, runs a replica
 # of the module on each share in parallel threads, and concatenates the outputs on GPU 0. To make
 # that pay, the wrapped modules below return small results: per-token log-probs (N, T) rather than
 # logits (N, T, V), and token ids padded to one fixed width. On a machine without GPUs DataParallel
-# calls the module directly, so the tests run this same code path on CPU.
+# calls the module directly, so the tests run this same code path on CPU. Every line that knows about
+# DataParallel is in this section.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -441,6 +442,16 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move the
     # work to the GPUs, so then the module is left unwrapped.
     return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.DataParallel) else module
+
+
+def num_data_parallel_devices(device: torch.device) -> int:
+    """How many GPUs DataParallel splits a batch over (1 on CPU)."""
+    return max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -455,11 +466,18 @@ def _expose_replica_parameters(module: nn.Module) -> None:
 
     A replica's weights are plain attributes, so replica.parameters() is empty (torch keeps them in
     _former_parameters); transformers' generate() reads model.device from parameters(). Putting them
-    back into _parameters fixes that; it touches replicas only.
+    back into _parameters fixes that; it touches replicas only. If a torch release stores replicas
+    differently, this fails with a clear error instead of leaving generate() to fail deep inside.
     """
     for sub in module.modules():
         if getattr(sub, "_is_replica", False) and not sub._parameters:
-            sub._parameters = dict(getattr(sub, "_former_parameters", {}))
+            if not hasattr(sub, "_former_parameters"):
+                raise RuntimeError(f"torch {torch.__version__} keeps DataParallel replicas' weights where grpo.py "
+                                   "cannot find them (no _former_parameters); run on one GPU (CUDA_VISIBLE_DEVICES=0)")
+            sub._parameters = dict(sub._former_parameters)
+    if next(module.parameters(), None) is None:
+        raise RuntimeError(f"torch {torch.__version__}: a DataParallel replica exposes no parameters, so "
+                           "generate() cannot find its device; run on one GPU (CUDA_VISIBLE_DEVICES=0)")
 
 
 class LogProbModule(nn.Module):
@@ -535,10 +553,15 @@ class GenerateModule(nn.Module):
                 use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
             )  # (n, P + t), t <= max_new_tokens: generate stops once every sequence has ended
         width = prompt_ids.size(1) + self.max_new_tokens
-        return F.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new_tokens)
+        return torch.nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new)
 
 
-def end_of_sequence_ids(model: nn.Module, tokenizer) -> list[int]:
+# ================================================================================================
+# 6. Rollouts: sampling G completions per prompt
+# ================================================================================================
+
+
+def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     """Every token id that ends a completion: the tokenizer's EOS and all of the model's
     generation_config eos ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)."""
     ids = {tokenizer.eos_token_id}
@@ -547,23 +570,24 @@ def end_of_sequence_ids(model: nn.Module, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate_completions(generator: nn.Module, tokenizer, prompts: list[str], num_generations: int,
+def generate_completions(generator: torch.nn.Module, tokenizer, prompts: list[str], num_generations: int,
                          eos_token_ids: list[int], device: torch.device):
     """Sample num_generations completions for each prompt in one batched generate call.
 
-    generator is a (DataParallel-wrapped) GenerateModule. Each prompt is repeated G times back to back,
-    so the G completions of a prompt are consecutive, as compute_group_advantages expects. Prompts are
+    generator is a GenerateModule (wrapped in DataParallel on GPUs; engineering section B), which runs
+    the policy's generate() with the KV cache. Each prompt is repeated G times back to back, so the G
+    completions of a prompt are consecutive, as compute_group_advantages expects. Prompts are
     left-padded so that every completion starts at the same column P.
     Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
     the longest completion.
     """
-    module = generator.module if isinstance(generator, nn.DataParallel) else generator  # its settings
+    settings = unwrap(generator)  # its temperature and max_new_tokens
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
     uniforms = None
-    if module.temperature is not None:  # all the rollout's randomness, drawn here from the seeded RNG
-        uniforms = torch.rand(prompt_ids.size(0), module.max_new_tokens, device=device)  # (N, max_new_tokens)
+    if settings.temperature is not None:  # all the rollout's randomness, drawn here from the seeded RNG
+        uniforms = torch.rand(prompt_ids.size(0), settings.max_new_tokens, device=device)  # (N, max_new_tokens)
     with torch.no_grad():
         sequences = generator(prompt_ids, prompt_mask, uniforms)  # (N, P + max_new_tokens)
     completion_ids = sequences[:, prompt_ids.size(1):]  # (N, max_new_tokens)
@@ -577,6 +601,11 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask:
     lengths = completion_mask.sum(dim=1).tolist()
     rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# ================================================================================================
+# 7. Evaluation: greedy answers to held-out questions
+# ================================================================================================
 
 
 def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: int, batch_size: int,
@@ -612,21 +641,13 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
             "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
 
 
-# ------------------------------------------------------------------------------------------------
-# 7. The training loop
-# ------------------------------------------------------------------------------------------------
-
-
-def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
-    """The example indices of training step `step` (0-based): consecutive slices of a fresh random
-    permutation per pass over the data. A pure function of its arguments, so a run is reproducible."""
-    indices, permutations = [], {}
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, num_examples)
-        if epoch not in permutations:  # a batch spans at most two passes
-            permutations[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(permutations[epoch][offset]))
-    return indices
+# ================================================================================================
+# Engineering C: logs, checkpoints, resume, signals and faults
+# (skip on first reading; the tutorial continues at section 8)
+# ================================================================================================
+# A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted
+# job), carry on exactly where it stopped, and not let one NaN destroy the weights. The training loop
+# sees all of this as three calls: step_record, RunControl.log_step and RunControl.checkpoint_or_stop.
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
@@ -649,56 +670,34 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def make_reference_model(policy: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """A frozen copy of the policy: eval mode, no gradients, optionally cast (bf16 on GPU halves it)."""
-    reference = copy.deepcopy(policy)
-    if dtype is not None:
-        reference.to(dtype)
-    reference.eval().requires_grad_(False)
-    return reference
+def step_record(step: int, iteration: int, rewards: torch.Tensor, correctness: torch.Tensor,
+                formatting: torch.Tensor, num_generations: int, update_means: dict, skipped: int,
+                completion_mask: torch.Tensor, attention_mask: torch.Tensor, mu: int, seconds: dict) -> dict:
+    """The metrics of one training step, as written to metrics.jsonl (the README's table explains each).
 
-
-def micro_batches(num_sequences: int, size: int) -> list[slice]:
-    """Consecutive slices of at most `size` sequences covering range(num_sequences): the rows of (N, ...) tensors."""
-    return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
-
-
-def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              completion_mask: torch.Tensor, advantages: torch.Tensor,
-                              old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
-                              micro_batch_size: int, beta: float, epsilon: float) -> tuple[torch.Tensor, dict]:
-    """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
-
-    The loss is a mean over the N sequences, so a micro-batch of n sequences contributes its own mean
-    loss times n / N: the gradients accumulated in .grad are those of the full batch, while only one
-    micro-batch's (n, T, V) logits exist at a time.
-    old_log_probs None means the policy has not changed since the rollout (the first of the mu updates):
-    this pass's own detached log-probs are then pi_old, with no extra forward pass (rho = 1 here).
-
-    log_prob_fn(input_ids, attention_mask, T) -> (n, T), e.g. a DataParallel-wrapped LogProbModule;
-    input_ids, attention_mask: (N, P + T); completion_mask, old and ref log-probs: (N, T); advantages: (N, 1).
-    Returns old_log_probs (N, T) for the next updates, and the batch's loss, kl and clip_ratio (detached).
+    rewards, correctness, formatting: (N,); update_means: loss, kl, clip_ratio, grad_norm averaged over
+    the mu updates; completion_mask (N, T) and attention_mask (N, P + T) count tokens; seconds: the
+    step's rollout, update and total wall time.
     """
-    num_sequences, num_completion_tokens = completion_mask.shape  # N, T
-    first_update = old_log_probs is None
-    if first_update:
-        old_log_probs = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
-    for c in micro_batches(num_sequences, micro_batch_size):
-        log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
-        if first_update:
-            old_log_probs[c] = log_probs.detach()
-        loss, metrics = grpo_loss(log_probs, old_log_probs[c], None if ref_log_probs is None else ref_log_probs[c],
-                                  advantages[c], completion_mask[c], beta, epsilon)
-        weight = (c.stop - c.start) / num_sequences
-        (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
-        totals["loss"] += loss.detach() * weight
-        totals["kl"] += metrics["kl"] * weight
-        totals["clip_ratio"] += metrics["clip_ratio"] * weight
-    return old_log_probs, totals
+    lengths = completion_mask.sum(dim=1).float()  # (N,)
+    return {
+        "step": step,
+        "iteration": iteration,
+        "reward": rewards.mean().item(),
+        "correctness_reward": correctness.mean().item(),
+        "format_reward": formatting.mean().item(),
+        "reward_std": rewards.view(-1, num_generations).std(dim=1).mean().item(),
+        **{name: float(value) for name, value in update_means.items()},
+        "skipped_updates": skipped,
+        "completion_length": lengths.mean().item(),
+        "step_seconds": seconds["step"],
+        "rollout_seconds": seconds["rollout"],
+        "update_seconds": seconds["update"],
+        "tokens_per_second": lengths.sum().item() / seconds["step"],
+        "generation_tokens_per_second": lengths.sum().item() / seconds["rollout"],
+        "train_tokens_per_second": mu * attention_mask.sum().item() / seconds["update"],
+    }
 
-
-# --- Checkpoints: everything needed to carry on exactly where a run stopped -----------------------
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -744,6 +743,7 @@ def load_training_state(checkpoint_dir: str) -> dict:
     state = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=True)  # no pickled code
     reference_path = os.path.join(checkpoint_dir, "reference_model.pt")
     state["reference"] = torch.load(reference_path, weights_only=True) if os.path.exists(reference_path) else None
+    state["path"] = checkpoint_dir
     return state
 
 
@@ -793,7 +793,174 @@ class StopRequest:
               "(send it again to quit at once, without saving)", flush=True)
 
 
-# --- The loop ---------------------------------------------------------------------------------------
+def is_finite_update(grad_norm: torch.Tensor, loss: torch.Tensor) -> bool:
+    """False when the loss or the gradient norm is NaN or inf: that update must be skipped, since one
+    optimizer step with it would poison the weights and the AdamW moments for good (one host sync)."""
+    return bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+
+
+@dataclass
+class RunControl:
+    """Everything about a run that is not GRPO: where its outputs go, when it saves checkpoints, what it
+    carries on from, and when it must stop. train_with_grpo calls log_step and checkpoint_or_stop once
+    per step.
+
+    output_dir: checkpoints go here (None: no checkpoints); metrics_path: one JSON line per step (None:
+    none); save_steps: a checkpoint every this many steps (0: only at the end or when stopping early);
+    resume: load_training_state() of the checkpoint to carry on from; stop: the signal handler's
+    StopRequest; max_bad_steps: stop after this many steps in a row with a skipped non-finite update.
+    """
+
+    output_dir: str | None = None
+    metrics_path: str | None = None
+    save_steps: int = 0
+    save_total_limit: int = 2
+    max_bad_steps: int = 3
+    log_completions_steps: int = 0
+    resume: dict | None = None
+    stop: StopRequest | None = None
+    bad_steps: int = 0  # steps in a row with a skipped update
+    step_seconds: list = field(default_factory=list)  # of the steps this process ran, for the ETA
+
+    def start(self, optimizer, policy: nn.Module, amp_dtype: torch.dtype | None, beta: float, total_steps: int):
+        """The step to start from and the reference model to start with: (0, None) for a new run;
+        for a resumed one, the checkpoint's step, optimizer state, RNG, counters and reference model."""
+        state, self.resume = self.resume, None  # dropped once used: the optimizer state is large
+        if state is None:
+            return 0, None
+        optimizer.load_state_dict(state.pop("optimizer"))
+        restore_rng(state["rng"])
+        self.bad_steps = state["bad_steps"]
+        if self.metrics_path:
+            keep_metrics_up_to(self.metrics_path, state["step"])
+        reference = None
+        if beta != 0.0:  # the reference of the iteration being resumed (the loop replaces it when one starts)
+            reference = make_reference_model(policy, amp_dtype)
+            if state["reference"] is not None:
+                reference.load_state_dict(state.pop("reference"))
+            else:
+                print("the checkpoint has no reference model (saved with --beta 0): the resumed policy becomes it")
+        print(f"resumed from {state['path']} at step {state['step']}/{total_steps}")
+        return state["step"], reference
+
+    def log_step(self, record: dict, total_steps: int, mu: int, sample: tuple[str, str, str, float]) -> None:
+        """Print the step's line (and now and then a sample completion), append it to metrics.jsonl."""
+        self.step_seconds.append(record["step_seconds"])
+        if self.metrics_path:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                # json has no NaN: a skipped update's loss is written as null
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in record.items()}) + "\n")
+        step, skipped = record["step"], record["skipped_updates"]
+        eta = sum(self.step_seconds) / len(self.step_seconds) * (total_steps - step)
+        print(f"step {step}/{total_steps} {progress_bar(step, total_steps)} "
+              f"reward {record['reward']:.3f} (correct {record['correctness_reward']:.3f} "
+              f"format {record['format_reward']:.3f} std {record['reward_std']:.3f}) "
+              f"kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} loss {record['loss']:+.4f} "
+              f"len {record['completion_length']:.0f} | {record['step_seconds']:.1f}s "
+              f"(rollout {record['rollout_seconds']:.1f}s) {record['tokens_per_second']:.0f} tok/s "
+              f"eta {format_seconds(eta)}" + (f" | SKIPPED {skipped}/{mu} non-finite updates" if skipped else ""),
+              flush=True)
+        if self.log_completions_steps and step % self.log_completions_steps == 0:
+            question, text, answer, reward = sample
+            print(f"--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n>>> {text}\n---", flush=True)
+
+    def checkpoint_or_stop(self, step: int, total_steps: int, skipped: int, policy, tokenizer, optimizer,
+                           reference) -> None:
+        """After step `step` (1-based): save a checkpoint when one is due, or when the run must stop
+        (a signal, or max_bad_steps steps in a row with a skipped update); then raise TrainingStopped
+        if it must."""
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        signum = self.stop.signum if self.stop is not None else None
+        must_stop = self.bad_steps >= self.max_bad_steps or signum is not None
+        due = (self.save_steps and step % self.save_steps == 0) or step == total_steps
+        path = None
+        if self.output_dir and (must_stop or due):
+            path = save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
+                                   {"bad_steps": self.bad_steps}, self.save_total_limit)
+        if self.bad_steps >= self.max_bad_steps:
+            raise TrainingStopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the "
+                                  "last good weights are kept); lower --learning_rate or check the data", path)
+        if signum is not None:
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}", path, signum)
+
+
+def print_run_summary(history: list[dict], device: torch.device) -> None:
+    """Where the time went: rollout vs update per step, throughput, and peak memory."""
+    if not history:
+        return
+    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
+    print(f"summary: {len(history)} steps, {mean['step_seconds']:.2f} s/step = rollout {mean['rollout_seconds']:.2f} s"
+          f" + update {mean['update_seconds']:.2f} s + reference pass and scoring; generation "
+          f"{mean['generation_tokens_per_second']:.0f} tok/s, training {mean['train_tokens_per_second']:.0f} tok/s; "
+          f"peak memory {peak_memory_mib(device):.0f} MiB "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
+
+
+# ================================================================================================
+# 8. The training loop
+# ================================================================================================
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """The example indices of training step `step` (0-based): consecutive slices of a fresh random
+    permutation per pass over the data. A pure function of its arguments, so a run is reproducible."""
+    indices, permutations = [], {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_examples)
+        if epoch not in permutations:  # a batch spans at most two passes
+            permutations[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(permutations[epoch][offset]))
+    return indices
+
+
+def make_reference_model(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A frozen copy of the policy: eval mode, no gradients, optionally cast (bf16 on GPU halves it)."""
+    reference = copy.deepcopy(policy)
+    if dtype is not None:
+        reference.to(dtype)
+    reference.eval().requires_grad_(False)
+    return reference
+
+
+def micro_batches(num_sequences: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` sequences covering range(num_sequences): the rows of (N, ...) tensors."""
+    return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+
+def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              completion_mask: torch.Tensor, advantages: torch.Tensor,
+                              old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
+                              micro_batch_size: int, beta: float, epsilon: float) -> tuple[torch.Tensor, dict]:
+    """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
+
+    The loss is a mean over the N sequences, so a micro-batch of n sequences contributes its own mean
+    loss times n / N: the gradients accumulated in .grad are those of the full batch, while only one
+    micro-batch's (n, T, V) logits exist at a time.
+    old_log_probs None means the policy has not changed since the rollout (the first of the mu updates):
+    pi_old is then the policy itself, and this pass's own detached log-probs serve as old_log_probs
+    (rho = 1), with no extra forward pass.
+
+    log_prob_fn(input_ids, attention_mask, T) -> (n, T), e.g. a DataParallel-wrapped LogProbModule;
+    input_ids, attention_mask: (N, P + T); completion_mask, old and ref log-probs: (N, T); advantages: (N, 1).
+    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip_ratio (detached).
+    Copy with: grpo_loss, masked_sequence_mean, micro_batches.
+    """
+    num_sequences, num_completion_tokens = completion_mask.shape  # N, T
+    log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+    for c in micro_batches(num_sequences, micro_batch_size):
+        log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
+        log_probs_seen[c] = log_probs.detach()
+        old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
+        loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
+                                  advantages[c], completion_mask[c], beta, epsilon)
+        weight = (c.stop - c.start) / num_sequences
+        (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
+        totals["loss"] += loss.detach() * weight
+        totals["kl"] += metrics["kl"] * weight
+        totals["clip_ratio"] += metrics["clip_ratio"] * weight
+    return log_probs_seen, totals
 
 
 def train_with_grpo(
@@ -816,184 +983,234 @@ def train_with_grpo(
     micro_batch_size: int = 4,
     bf16: bool = True,
     seed: int = 42,
-    log_completions_steps: int = 10,
-    metrics_path: str | None = None,
-    output_dir: str | None = None,
-    save_steps: int = 0,
-    save_total_limit: int = 2,
-    resume_from: str | None = None,
-    max_bad_steps: int = 3,
-    stop: StopRequest | None = None,
+    run: RunControl | None = None,
 ) -> list[dict]:
-    """Train `policy` in place with GRPO; returns one metrics dict per step (also appended to metrics_path).
+    """Train `policy` in place with GRPO; returns one metrics dict per step.
 
     num_iterations outer iterations, each starting with a fresh reference model copied from the current
     policy; num_steps steps each of batch_size prompts x num_generations completions; mu AdamW updates
     per step, pi_old being the policy that sampled the step's completions. The loss forward/backward
     runs micro_batch_size sequences per GPU at a time with gradients accumulated, so one update equals
     the full-batch one without holding (N, T, V) logits. bf16 autocast applies on GPU only.
-
-    Long runs: every save_steps steps (0 = never) and whenever training stops early, a checkpoint goes
-    to output_dir; resume_from (a checkpoint folder, whose weights `policy` must already hold) carries on
-    from it with the same optimizer state, reference model, RNG and data order. An update whose loss or
-    gradient norm is not finite is skipped; after max_bad_steps such steps in a row, or when stop is set
-    (SIGINT / SIGTERM), a checkpoint is saved and TrainingStopped raised.
+    run (engineering section C) says where metrics and checkpoints go, what to resume from and when to
+    stop; without it, nothing is written.
     """
+    run = run or RunControl()
     device = next(policy.parameters()).device
-    num_devices = max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
     amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
     eos_ids = end_of_sequence_ids(policy, tokenizer)
+    # The policy behind two wrappers that split their work over the GPUs (section B): one samples, one scores.
     generator = data_parallel(GenerateModule(policy, max_completion_length, eos_ids, tokenizer.pad_token_id,
                                              temperature, amp_dtype), device)
     policy_log_probs = data_parallel(LogProbModule(policy, temperature, amp_dtype), device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    chunk = micro_batch_size * num_devices  # DataParallel gives each GPU micro_batch_size of these
-    total_steps, history, first_step, bad_steps = num_iterations * num_steps, [], 0, 0
-    resumed = load_training_state(resume_from) if resume_from else None
-    if resumed:
-        first_step, bad_steps = resumed["step"], resumed["bad_steps"]
-        optimizer.load_state_dict(resumed["optimizer"])
-        restore_rng(resumed["rng"])
-        if metrics_path:
-            keep_metrics_up_to(metrics_path, first_step)
-        print(f"resumed from {resume_from} at step {first_step}/{total_steps}")
-    run_start = time.perf_counter()
+    chunk = micro_batch_size * num_data_parallel_devices(device)  # DataParallel gives each GPU micro_batch_size
+    total_steps, history = num_iterations * num_steps, []
+    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps)  # (0, None) unless resumed
 
-    reference = reference_log_probs = None
     for step in range(first_step, total_steps):  # step: 0-based global step
-        if stop is not None and stop.is_set():  # a signal before the first step (e.g. during evaluation)
-            raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} before step {step + 1}",
-                                  None, stop.signum)
-        iteration = step // num_steps
-        if beta != 0.0 and (reference is None or step % num_steps == 0):
-            # The reference model is a frozen copy of the policy at the start of each iteration; a run
-            # resumed mid-iteration takes it from the checkpoint. With beta == 0 none is kept or run.
-            reference = make_reference_model(policy, amp_dtype)
-            if resumed and resumed["reference"] is not None and step == first_step and step % num_steps:
-                reference.load_state_dict(resumed["reference"])
-            reference_log_probs = data_parallel(LogProbModule(reference, temperature, amp_dtype), device)
         step_start = time.perf_counter()
-
-        # 1) take B prompts
+        # 1) Take B prompts. An iteration starts with a new reference model pi_ref: a frozen copy of the
+        #    policy as it is now, which the KL term keeps the policy close to (none is needed when beta = 0).
+        starts_iteration = step % num_steps == 0
+        if beta != 0.0 and starts_iteration:
+            reference = make_reference_model(policy, amp_dtype)
         batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
         prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
-        answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N
+        answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
 
-        # 2) roll out G completions per prompt. eval() turns off dropout and gradient checkpointing.
+        # 2) Roll out G completions per prompt with the current policy, which is therefore pi_old for
+        #    this step. eval() turns off dropout and gradient checkpointing while generating.
         policy.eval()
         prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
-            generator, tokenizer, prompts, num_generations, eos_ids, device)  # (N, P), (N, T)
+            generator, tokenizer, prompts, num_generations, eos_ids, device)  # (N, P), (N, P), (N, T), (N, T)
         texts = decode_completions(tokenizer, completion_ids, completion_mask)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T): what the log-prob passes read
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
         rollout_seconds = time.perf_counter() - step_start
 
-        # 3) rewards -> advantages
+        # 3) Score: each completion's reward r_i, then its advantage A_i relative to its own group.
         correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
         formatting = torch.tensor(format_reward(texts))  # (N,)
-        rewards = torch.tensor(combined_reward(texts, answers))  # (N,)
+        rewards = correctness + formatting  # (N,): r_i, as combined_reward defines it
         advantages = compute_group_advantages(rewards, num_generations).to(device)  # (N, 1)
 
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
-
-        # 4) reference log-probs, once per step, without gradients
+        # 4) The reference model's log-probs of the same tokens, once per step (no gradient): the KL anchor.
         ref_log_probs = None
-        if reference_log_probs is not None:
+        if reference is not None:
+            reference_log_probs = data_parallel(LogProbModule(reference, temperature, amp_dtype), device)
             with torch.no_grad():
                 ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c], completion_ids.size(1))
                                            for c in micro_batches(input_ids.size(0), chunk)])  # (N, T)
 
-        # 5) mu policy updates on this batch
+        # 5) mu policy updates on this one batch of rollouts. pi_old stays the policy that sampled them:
+        #    the first update computes its log-probs anyway (the policy has not moved yet), so those,
+        #    detached, are recorded as old_log_probs for the updates after it: no extra forward pass.
         update_start = time.perf_counter()
         policy.train()
-        old_log_probs, skipped = None, 0
-        sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        old_log_probs, skipped = None, 0  # None: the first update uses its own log-probs (rho = 1)
+        update_means = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
         for update in range(mu):
-            old_log_probs, totals = accumulate_grpo_gradients(
+            log_probs, totals = accumulate_grpo_gradients(
                 policy_log_probs, input_ids, attention_mask, completion_mask, advantages,
-                old_log_probs, ref_log_probs, chunk, beta, epsilon)  # old_log_probs: (N, T)
+                old_log_probs, ref_log_probs, chunk, beta, epsilon)  # log_probs: (N, T), detached
+            if update == 0:
+                old_log_probs = log_probs  # log pi_old, recorded by the first update
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-            # A NaN or inf would poison the weights and the AdamW moments for good: skip that update.
-            # (One host sync per update, to decide.)
-            if bool(torch.isfinite(grad_norm) & torch.isfinite(totals["loss"])):
+            if is_finite_update(grad_norm, totals["loss"]):  # a NaN/inf update is skipped (section C)
                 optimizer.step()
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
             for name, value in {**totals, "grad_norm": grad_norm}.items():
-                sums[name] += value / mu
-        bad_steps = bad_steps + 1 if skipped else 0
-        update_seconds = time.perf_counter() - update_start
+                update_means[name] += value / mu
 
-        # 6) log, and save a checkpoint when it is time (or when training must stop)
-        step_seconds = time.perf_counter() - step_start
-        lengths = completion_mask.sum(dim=1).float()  # (N,)
-        record = {
-            "step": step + 1,
-            "iteration": iteration + 1,
-            "reward": rewards.mean().item(),
-            "correctness_reward": correctness.mean().item(),
-            "format_reward": formatting.mean().item(),
-            "reward_std": rewards.view(-1, num_generations).std(dim=1).mean().item(),
-            **{name: float(value) for name, value in sums.items()},
-            "skipped_updates": skipped,
-            "completion_length": lengths.mean().item(),
-            "step_seconds": step_seconds,
-            "rollout_seconds": rollout_seconds,
-            "update_seconds": update_seconds,
-            "tokens_per_second": lengths.sum().item() / step_seconds,
-            "generation_tokens_per_second": lengths.sum().item() / rollout_seconds,
-            "train_tokens_per_second": mu * attention_mask.sum().item() / update_seconds,
-        }
+        # 6) Log: the step's numbers, printed and appended to metrics.jsonl.
+        now = time.perf_counter()
+        seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - step_start}
+        record = step_record(step + 1, step // num_steps + 1, rewards, correctness, formatting, num_generations,
+                             update_means, skipped, completion_mask, attention_mask, mu, seconds)
         history.append(record)
-        if metrics_path:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                # json has no NaN: a skipped update's loss is written as null
-                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                    for k, v in record.items()}) + "\n")
-        eta = (time.perf_counter() - run_start) / len(history) * (total_steps - step - 1)
-        print(f"step {step + 1}/{total_steps} {progress_bar(step + 1, total_steps)} "
-              f"reward {record['reward']:.3f} (correct {record['correctness_reward']:.3f} "
-              f"format {record['format_reward']:.3f} std {record['reward_std']:.3f}) "
-              f"kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} loss {record['loss']:+.4f} "
-              f"len {record['completion_length']:.0f} | {step_seconds:.1f}s (rollout {rollout_seconds:.1f}s) "
-              f"{record['tokens_per_second']:.0f} tok/s eta {format_seconds(eta)}"
-              + (f" | SKIPPED {skipped}/{mu} non-finite updates" if skipped else ""), flush=True)
-        if log_completions_steps and (step + 1) % log_completions_steps == 0:
-            print(f"--- sample (reward {rewards[0].item():.1f}, answer {answers[0]}) ---\n"
-                  f"{batch[0]['question']}\n>>> {texts[0]}\n---", flush=True)
+        run.log_step(record, total_steps, mu, sample=(batch[0]["question"], texts[0], answers[0], rewards[0].item()))
 
-        stop_signal = stop.signum if stop is not None and stop.is_set() else None
-        must_stop = bad_steps >= max_bad_steps or stop_signal is not None
-        path = None
-        if output_dir and (must_stop or (save_steps and (step + 1) % save_steps == 0) or step + 1 == total_steps):
-            path = save_checkpoint(output_dir, step + 1, policy, tokenizer, optimizer, reference,
-                                   {"bad_steps": bad_steps}, save_total_limit)
-        if bad_steps >= max_bad_steps:
-            raise TrainingStopped(f"{bad_steps} steps in a row had a non-finite loss or gradient norm (the last "
-                                  "good weights are kept); lower --learning_rate or check the data", path)
-        if stop_signal is not None:
-            raise TrainingStopped(f"stopped by {signal.Signals(stop_signal).name} after step {step + 1}",
-                                  path, stop_signal)
+        # 7) Save a checkpoint when one is due, and stop here if a signal or repeated faults asked for it.
+        run.checkpoint_or_stop(step + 1, total_steps, skipped, policy, tokenizer, optimizer, reference)
 
     print_run_summary(history, device)
     return history
 
 
-def print_run_summary(history: list[dict], device: torch.device) -> None:
-    """Where the time went: rollout vs update per step, throughput, and peak memory."""
-    if not history:
-        return
-    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
-    print(f"summary: {len(history)} steps, {mean['step_seconds']:.2f} s/step = rollout {mean['rollout_seconds']:.2f} s"
-          f" + update {mean['update_seconds']:.2f} s + reference pass and scoring; generation "
-          f"{mean['generation_tokens_per_second']:.0f} tok/s, training {mean['train_tokens_per_second']:.0f} tok/s; "
-          f"peak memory {peak_memory_mib(device):.0f} MiB "
-          f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
+# ================================================================================================
+# Engineering D: loading data and models, and their error messages
+# (skip on first reading; the tutorial continues at section 9)
+# ================================================================================================
+# Every expected failure (a missing file, a bad flag value, an unknown model) ends in one line that
+# says what is wrong, and leaves nothing behind.
 
 
-# ------------------------------------------------------------------------------------------------
-# 8. Command line
-# ------------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """A data set or model that cannot be used; main() prints its message as one line and exits 1."""
+
+
+def _gsm8k_rows(source: str, split: str) -> list[dict]:
+    """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
+    if source.endswith((".json", ".jsonl")):
+        if not os.path.isfile(source):
+            raise DataError(f"data file not found: {source}")
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise DataError(f"data file is empty: {source}")
+        try:
+            if text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
+    if os.path.exists(source):
+        raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
+    import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
+
+    try:
+        return list(datasets.load_dataset(source, "main", split=split))
+    except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}") from None
+
+
+def load_gsm8k(source: str, split: str = "train") -> list[dict]:
+    """GSM8K-style examples as [{"question": str, "answer": str}], the answer being the part after '####'.
+
+    source is a hub name ("openai/gsm8k", config "main") or a local .json/.jsonl file with the same
+    `question` / `answer` fields. Rows whose answer has no '####' are skipped and counted; an error is
+    raised only if no row remains.
+    """
+    rows = _gsm8k_rows(source, split)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
+    if not rows:
+        raise DataError(f"{source}: no examples")
+    missing = {"question", "answer"} - set(rows[0])
+    if missing:
+        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {sorted(missing)}")
+    examples, skipped = [], 0
+    for row in rows:
+        answer = extract_answer_from_dataset(str(row.get("answer", "")))
+        if answer is None or not str(row.get("question", "")).strip():
+            skipped += 1
+            continue
+        examples.append({"question": str(row["question"]), "answer": answer})
+    if not examples:
+        raise DataError(f"{source}: none of the {len(rows)} rows has a question and an answer with '####'")
+    if skipped:
+        print(f"{source}: skipped {skipped} of {len(rows)} rows without a question or a '####' answer")
+    return examples
+
+
+def resolve_device(choice: str) -> torch.device:
+    """--device auto/cuda/cpu as a torch.device (cuda means GPU 0, with DataParallel over all visible GPUs)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for, but torch sees no GPU")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def load_model_and_tokenizer(name: str, device: torch.device):
+    """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
+    its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise DataError(f"model directory not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32,
+                                                     attn_implementation="sdpa")  # fused attention kernels
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load model '{name}': {first_line}") from None
+    if not tokenizer.chat_template:
+        raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "eval.json", "config.json")
+
+
+def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
+    """The checkpoint to resume from (or None), after checking that --output_dir may be used; no side effects.
+
+    A folder that already holds a run is never silently reused: --resume_from carries it on,
+    --overwrite_output_dir starts again (see clear_previous_run).
+    """
+    out = args.output_dir
+    if args.resume_from:
+        checkpoint = args.resume_from
+        if checkpoint == "latest":
+            if not list_checkpoints(out):
+                raise DataError(f"--resume_from latest: no checkpoint in {out}")
+            checkpoint = list_checkpoints(out)[-1]
+        if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
+            raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
+        return checkpoint
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + \
+           [os.path.basename(path) for path in list_checkpoints(out)]
+    if held and not args.overwrite_output_dir:
+        raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
+                        "or start again with --overwrite_output_dir")
+    return None
+
+
+def clear_previous_run(output_dir: str) -> None:
+    """--overwrite_output_dir: delete the old run's checkpoints, metrics and evaluation (its final
+    weights are overwritten at the end). Called only once the new run's model has loaded."""
+    for path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
+    for name in ("metrics.jsonl", "eval.json"):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
 
 
 def _number_type(kind, name: str, check, requirement: str):
@@ -1016,6 +1233,11 @@ at_least_two = _number_type(int, "at_least_two", lambda v: v >= 2, "at least 2 (
 positive_float = _number_type(float, "positive_float", lambda v: v > 0 and math.isfinite(v), "a positive number")
 non_negative_float = _number_type(float, "non_negative_float", lambda v: v >= 0 and math.isfinite(v), "0 or more")
 open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "strictly between 0 and 1")
+
+
+# ================================================================================================
+# 9. The command line
+# ================================================================================================
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1084,40 +1306,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_device(choice: str) -> torch.device:
-    """--device auto/cuda/cpu as a torch.device (cuda means GPU 0, with DataParallel over all visible GPUs)."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for, but torch sees no GPU")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def load_model_and_tokenizer(name: str, device: torch.device):
-    """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
-    its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
-        raise DataError(f"model directory not found: {name}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32,
-                                                     attn_implementation="sdpa")  # fused attention kernels
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load model '{name}': {first_line}") from None
-    if not tokenizer.chat_template:
-        raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked: a bad value or combination exits with status 2 and a one-line message."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse, run, and turn expected failures into one line and an exit code: 1 for bad input or a
     non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for an interrupted one."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     stop = StopRequest()
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1137,43 +1334,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-RUN_FILES = ("args.json", "metrics.jsonl", "eval.json", "config.json")
-
-
-def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from (or None), after checking that --output_dir may be used; no side effects.
-
-    A folder that already holds a run is never silently reused: --resume_from carries it on,
-    --overwrite_output_dir starts again (see clear_previous_run).
-    """
-    out = args.output_dir
-    if args.resume_from:
-        checkpoint = args.resume_from
-        if checkpoint == "latest":
-            if not list_checkpoints(out):
-                raise DataError(f"--resume_from latest: no checkpoint in {out}")
-            checkpoint = list_checkpoints(out)[-1]
-        if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
-            raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
-        return checkpoint
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + \
-           [os.path.basename(path) for path in list_checkpoints(out)]
-    if held and not args.overwrite_output_dir:
-        raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
-                        "or start again with --overwrite_output_dir")
-    return None
-
-
-def clear_previous_run(output_dir: str) -> None:
-    """--overwrite_output_dir: delete the old run's checkpoints, metrics and evaluation (its final
-    weights are overwritten at the end). Called only once the new run's model has loaded."""
-    for path in list_checkpoints(output_dir):
-        shutil.rmtree(path)
-    for name in ("metrics.jsonl", "eval.json"):
-        if os.path.exists(os.path.join(output_dir, name)):
-            os.remove(os.path.join(output_dir, name))
 
 
 def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
@@ -1199,7 +1359,6 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         # loop switches to eval mode for generation, so rollouts keep their full speed.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     eval_path = os.path.join(args.output_dir, "eval.json")
     with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as f:
         json.dump(vars(args), f, indent=2)
@@ -1219,16 +1378,24 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         evaluation["before"] = evaluate_model(policy, tokenizer, eval_examples, label="eval before", **eval_kwargs)
         with open(eval_path, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
+    resume = load_training_state(resume_from) if resume_from else None
+    if stop is not None and stop.is_set():  # a signal before the first step (e.g. during evaluation)
+        first_step = resume["step"] + 1 if resume else 1
+        raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} before step {first_step}",
+                              None, stop.signum)
 
+    control = RunControl(
+        output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
+        log_completions_steps=args.log_completions_steps, stop=stop, resume=resume)
+    del resume  # RunControl lets go of it once used: the optimizer state and reference weights are large
     history = train_with_grpo(
         policy, tokenizer, train_examples,
         num_iterations=args.num_iterations, num_steps=args.num_steps, batch_size=args.batch_size,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length, mu=args.mu,
         beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
-        bf16=args.bf16, seed=args.seed, log_completions_steps=args.log_completions_steps,
-        metrics_path=metrics_path, output_dir=args.output_dir, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, resume_from=resume_from, max_bad_steps=args.max_bad_steps, stop=stop,
+        bf16=args.bf16, seed=args.seed, run=control,
     )
 
     if eval_examples:
