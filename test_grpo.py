@@ -222,6 +222,37 @@ def _nan_advantages_on_steps(monkeypatch, bad_steps):
     monkeypatch.setattr(grpo, "compute_group_advantages", wrapper)
 
 
+def same(a, b) -> bool:
+    """Equal results: tensors close, containers element by element, anything else ==."""
+    if isinstance(a, torch.Tensor):
+        return torch.allclose(a.detach().float(), b.detach().float(), atol=1e-6)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def copied(name):
+    """grpo.<name> as a reader would copy it: its source and the sources its docstring names after
+    "Copy with:", executed in a fresh namespace that holds only torch, re and math."""
+    source = open(os.path.join(HERE, "grpo.py"), encoding="utf-8").read()
+    tree = ast.parse(source)
+    definitions = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = node
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            definitions[node.targets[0].id] = node
+    docstring = ast.get_docstring(definitions[name]) or ""
+    listed = re.search(r"Copy with: (.+?)\.(?:\s|$)", docstring, re.S)
+    names = [n.strip() for n in listed.group(1).split(",")] if listed else []
+    namespace = {"torch": torch, "re": re, "math": math}
+    for part in names + [name]:  # helpers first, as a reader would paste them above
+        exec(ast.get_source_segment(source, definitions[part]), namespace)
+    return namespace[name]
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. Prompts and answer extraction
 # ------------------------------------------------------------------------------------------------
@@ -857,6 +888,43 @@ def test_command_line_error_has_no_traceback(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'missing.jsonl'}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Every algorithmic function can be copied out (with what its docstring names)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_every_algorithmic_function_runs_when_copied_with_what_its_docstring_names(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    ids = torch.cat([prompt_ids_for(tokenizer, copies=4), torch.randint(0, 300, (4, 3))], dim=1)  # (4, P + 3)
+    mask = torch.ones_like(ids)
+    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    log_probs, completion_mask, advantages = torch.randn(4, 3), torch.tensor([[1, 1, 0]] * 4), torch.randn(4, 1)
+    calls = {
+        "build_prompt": (tokenizer, "What is 2+2?"),
+        "extract_answer_from_model_output": ("<answer> 4 </answer>",),
+        "extract_answer_from_dataset": ("2+2\n#### 4",),
+        "numbers_in": ("$1,080 and 3",),
+        "extract_single_number": ("$1,080",),
+        "extract_last_number": ("3 then 4",),
+        "correctness_reward": (["<answer>$72</answer>", "<answer>72</answer>"], ["72", "72"]),
+        "format_reward": (["<reasoning></reasoning><answer>",],),
+        "combined_reward": (["<reasoning>r</reasoning><answer>72</answer>"], ["72"]),
+        "compute_group_advantages": (torch.tensor([1.0, 2.0, 3.0, 3.0]), 2),
+        "selective_log_softmax": (logits, tokens),
+        "compute_log_probs": (model, ids, mask, 3, 0.7),
+        "create_completion_mask": (torch.tensor([[5, 9, 5]]), [9]),
+        "masked_sequence_mean": (log_probs, completion_mask),
+        "grpo_loss": (log_probs, log_probs - 0.1, log_probs + 0.1, advantages, completion_mask, 0.04, 0.2),
+        "accumulate_grpo_gradients": (grpo.LogProbModule(model, 1.0), ids, mask, completion_mask, advantages, None,
+                                      None, 2, 0.0, 0.2),
+        "batch_indices": (3, 4, 7, 0),
+        "micro_batches": (5, 2),
+    }
+    for name, args in calls.items():
+        assert same(copied(name)(*args), getattr(grpo, name)(*args)), name
 
 
 # ------------------------------------------------------------------------------------------------
