@@ -493,6 +493,10 @@ class LogProbModule(nn.Module):
             return compute_log_probs(self.model, input_ids, attention_mask, logits_to_keep, self.temperature)
 
 
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or inf where a distribution was needed; main() prints one line and exits 1."""
+
+
 class InverseCDFSampler(LogitsProcessor):
     """Draws each next token from softmax(scores / temperature), inside generate().
 
@@ -506,15 +510,19 @@ class InverseCDFSampler(LogitsProcessor):
     It returns scores that are -inf except at the drawn token, and generate() runs in greedy mode, so
     its argmax takes that token: the sampling is all here, and no top-k / top-p setting of the
     checkpoint can touch it.
+    A row of scores that is not finite (a NaN from the model) has no distribution to sample from: it
+    is recorded in `broken_rows` (no host sync per token) and GenerateModule raises once generate() ends.
     """
 
     def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
         self.temperature, self.uniforms, self.prompt_length = temperature, uniforms, prompt_length
+        self.broken_rows = torch.zeros(uniforms.size(0), dtype=torch.bool, device=uniforms.device)  # (n,)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = self.uniforms[:, input_ids.size(1) - self.prompt_length].unsqueeze(1)  # (n, 1), this token's draws
         weights = torch.exp((scores - scores.max(dim=-1, keepdim=True).values) / self.temperature)  # (n, V)
         cdf = weights.cumsum(dim=-1)  # (n, V), unnormalised: the last column is the total
+        self.broken_rows |= ~torch.isfinite(cdf[:, -1])  # (n,): NaN or inf somewhere in the row
         token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
 
@@ -552,6 +560,10 @@ class GenerateModule(nn.Module):
                 pad_token_id=self.pad_token_id,
                 use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
             )  # (n, P + t), t <= max_new_tokens: generate stops once every sequence has ended
+        if samplers and bool(samplers[0].broken_rows.any()):
+            raise NonFiniteError(f"the model's next-token scores were NaN or inf for {int(samplers[0].broken_rows.sum())}"
+                                 f" of {len(prompt_ids)} sequences while sampling; the weights or the attention "
+                                 "kernel produced them (see the README's GPU notes)")
         width = prompt_ids.size(1) + self.max_new_tokens
         return torch.nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new)
 
@@ -738,11 +750,15 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, re
     return final
 
 
-def load_training_state(checkpoint_dir: str) -> dict:
-    """The counters, optimizer state, RNG states (and the reference weights, if saved) of a checkpoint."""
-    state = torch.load(os.path.join(checkpoint_dir, "training_state.pt"), weights_only=True)  # no pickled code
-    reference_path = os.path.join(checkpoint_dir, "reference_model.pt")
-    state["reference"] = torch.load(reference_path, weights_only=True) if os.path.exists(reference_path) else None
+def load_training_state(checkpoint_dir: str, device: torch.device | str = "cpu") -> dict:
+    """The counters, optimizer state, RNG states (and the reference weights, if saved) of a checkpoint,
+    its tensors loaded onto `device` whatever device saved them (a GPU checkpoint resumes on a CPU)."""
+    def load(name):  # weights_only: tensors and plain containers, never pickled code
+        return torch.load(os.path.join(checkpoint_dir, name), map_location=device, weights_only=True)
+
+    state = load("training_state.pt")
+    state["reference"] = load("reference_model.pt") if os.path.exists(
+        os.path.join(checkpoint_dir, "reference_model.pt")) else None
     state["path"] = checkpoint_dir
     return state
 
@@ -750,9 +766,11 @@ def load_training_state(checkpoint_dir: str) -> dict:
 def restore_rng(rng: dict) -> None:
     """Put back the python, torch and CUDA random states saved by save_checkpoint."""
     random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng["torch"].cpu())
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # The checkpoint may come from a machine with more GPUs: restore the states of the GPUs both have.
+        for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state.cpu(), index)
 
 
 def keep_metrics_up_to(metrics_path: str, step: int) -> None:
@@ -915,12 +933,24 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> l
 
 
 def make_reference_model(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """A frozen copy of the policy: eval mode, no gradients, optionally cast (bf16 on GPU halves it)."""
+    """A frozen copy of the policy: eval mode, no gradients, its weights optionally cast (bf16 on GPU
+    halves it). Only the weights: model.to(bfloat16) would also round buffers such as Qwen2's rotary
+    inv_freq, and the reference would then see other positions than the policy (at position 599 the
+    rotary angles would be off by up to 0.69 rad), which the KL term would pull the policy towards."""
     reference = copy.deepcopy(policy)
     if dtype is not None:
-        reference.to(dtype)
+        for param in reference.parameters():
+            param.data = param.data.to(dtype)
     reference.eval().requires_grad_(False)
     return reference
+
+
+def make_optimizer(policy: torch.nn.Module, learning_rate: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the policy's weights. On GPU its fused kernel: the default (foreach) one allocates a
+    temporary as large as the weights at every step (+5.75 GiB for the 1.5B model)."""
+    return torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay,
+                             fused=True if device.type == "cuda" else None)
 
 
 def micro_batches(num_sequences: int, size: int) -> list[slice]:
@@ -1003,7 +1033,7 @@ def train_with_grpo(
     generator = data_parallel(GenerateModule(policy, max_completion_length, eos_ids, tokenizer.pad_token_id,
                                              temperature, amp_dtype), device)
     policy_log_probs = data_parallel(LogProbModule(policy, temperature, amp_dtype), device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
     chunk = micro_batch_size * num_data_parallel_devices(device)  # DataParallel gives each GPU micro_batch_size
     total_steps, history = num_iterations * num_steps, []
     first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps)  # (0, None) unless resumed
@@ -1319,7 +1349,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run(args, stop)
-    except DataError as e:
+    except (DataError, NonFiniteError) as e:
         sys.exit(f"error: {e}")
     except TrainingStopped as e:
         where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "nothing new to save"
@@ -1378,7 +1408,7 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         evaluation["before"] = evaluate_model(policy, tokenizer, eval_examples, label="eval before", **eval_kwargs)
         with open(eval_path, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
-    resume = load_training_state(resume_from) if resume_from else None
+    resume = load_training_state(resume_from, device) if resume_from else None
     if stop is not None and stop.is_set():  # a signal before the first step (e.g. during evaluation)
         first_step = resume["step"] + 1 if resume else 1
         raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} before step {first_step}",

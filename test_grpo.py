@@ -690,6 +690,23 @@ def test_a_replica_whose_weights_cannot_be_found_fails_loudly(tiny, monkeypatch)
         replica(prompt_ids, torch.ones_like(prompt_ids))
 
 
+def test_a_nan_score_row_fails_loudly_instead_of_drawing_a_token(tiny):
+    sampler = grpo.InverseCDFSampler(1.0, torch.rand(3, 2), prompt_length=4)
+    scores = torch.randn(3, 9)
+    scores[1, 5] = float("nan")
+    sampler(torch.zeros(3, 4, dtype=torch.long), scores)
+    assert sampler.broken_rows.tolist() == [False, True, False]
+    # A model whose logits are NaN (as a kernel returning NaN for fully masked rows would make them).
+    model, tokenizer = tiny
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    eos = grpo.end_of_sequence_ids(model, tokenizer)
+    generator = grpo.GenerateModule(model, 4, eos, tokenizer.pad_token_id, temperature=1.0)
+    with pytest.raises(grpo.NonFiniteError, match="NaN or inf for 2 of 2 sequences"):
+        grpo.generate_completions(generator, tokenizer, [grpo.build_prompt(tokenizer, "Tom has 3 apples.")], 2, eos,
+                                  torch.device("cpu"))
+
+
 def test_evaluate_model_scores_strict_and_lenient(tiny, monkeypatch):
     model, tokenizer = tiny
     texts = ["<reasoning>r</reasoning><answer>7</answer>", "so the answer is 5", "<answer>4</answer>, I mean 3"]
@@ -740,6 +757,74 @@ def test_micro_batches_give_the_full_batch_gradient(tiny):
             assert torch.allclose(old, old_full, atol=1e-6)
             assert loss == pytest.approx(loss_full, abs=1e-6)
             assert torch.allclose(grads, grads_full, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bf16_reference_model_keeps_the_policys_rotary_positions(tiny):
+    model, _ = tiny
+    reference = grpo.make_reference_model(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in reference.parameters())
+    policy_buffers = dict(model.named_buffers())
+    assert any("inv_freq" in name for name in policy_buffers)
+    for name, buffer in reference.named_buffers():  # inv_freq in bf16 would shift every position's angle
+        assert buffer.dtype == policy_buffers[name].dtype and torch.equal(buffer, policy_buffers[name]), name
+
+
+def test_the_optimizer_is_fused_on_gpu(tiny):
+    model, _ = tiny
+    assert grpo.make_optimizer(model, 1e-3, 0.01, torch.device("cuda")).defaults["fused"] is True
+    assert not grpo.make_optimizer(model, 1e-3, 0.01, torch.device("cpu")).defaults["fused"]
+
+
+def _tiny_checkpoint(model, tokenizer, out, reference=True):
+    """A checkpoint-2 of the tiny model after one AdamW step, written by save_checkpoint."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    ref = grpo.make_reference_model(model, None) if reference else None
+    return grpo.save_checkpoint(str(out), 2, model, tokenizer, optimizer, ref, {"bad_steps": 0}, 2)
+
+
+def test_a_gpu_checkpoint_resumes_on_a_cpu_only_machine(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    # Save as a GPU run would: every tensor's storage tagged as living on cuda:0.
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    path = _tiny_checkpoint(model, tokenizer, tmp_path)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what loading it naively does on this machine
+        torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
+    state = grpo.load_training_state(path, torch.device("cpu"))
+    assert state["step"] == 2 and state["reference"] is not None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.load_state_dict(state["optimizer"])
+    grpo.restore_rng(state["rng"])
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_restores_the_gpus_there_are(monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=0: restored.append(device))
+    rng = {"python": grpo.random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": [torch.zeros(16, dtype=torch.uint8)] * 3}  # saved on a machine with 3 GPUs
+    grpo.restore_rng(rng)
+    assert restored == [0]
+
+
+def test_resume_state_is_let_go_once_used(tiny, tmp_path):
+    import gc
+    import weakref
+
+    model, tokenizer = tiny
+    state = grpo.load_training_state(_tiny_checkpoint(model, tokenizer, tmp_path), torch.device("cpu"))
+    reference_weight = weakref.ref(next(iter(state["reference"].values())))
+    control = grpo.RunControl(resume=state)
+    del state
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step, reference = control.start(optimizer, model, None, beta=0.04, total_steps=4)
+    gc.collect()
+    assert step == 2 and reference is not None
+    assert reference_weight() is None  # the checkpoint's copy is gone; the reference model holds its own
+    assert control.resume is None
 
 
 def test_no_reference_model_is_made_when_beta_is_zero(tiny, tiny_dir, monkeypatch):
