@@ -208,7 +208,7 @@ def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
 # compared with the other completions of the same prompt.
 
 
-def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
     """A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4), one advantage per completion.
 
     rewards: (N,) with N = B * G, the G completions of each prompt consecutive.
@@ -218,6 +218,13 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> tor
     divided by 1e-4 would be an advantage of about 5e-3.)
     Returns (N, 1), ready to broadcast over the T tokens of each completion.
 
+    scale_rewards chooses the divisor (the group mean is always subtracted):
+        "group"  std of the completion's own group + 1e-4 (DeepSeekMath; the default)
+        "batch"  std of all N rewards + 1e-4: one scale for the batch, so a group whose rewards barely
+                 differ does not get advantages as large as one whose rewards differ a lot
+        "none"   no division, A_i = r_i - mean_group(r) (Dr. GRPO, arXiv 2503.20783: dividing by the
+                 group std up-weights questions that are nearly always or nearly never solved)
+
     The worked example: rewards [1, 2, 3, 4, 5, 6] with G = 3 have group means 2 and 5 and stds 1,
     so A = [-1, 0, 1, -1, 0, 1] (up to the 1e-4).
     """
@@ -226,10 +233,16 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int) -> tor
         raise ValueError(f"need num_generations >= 2 dividing {rewards.numel()} rewards, got {num_generations}")
     grouped = rewards.view(-1, num_generations)  # (B, G)
     mean = grouped.mean(dim=1, keepdim=True)  # (B, 1)
-    std = grouped.std(dim=1, keepdim=True)  # (B, 1), unbiased
     all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # (B, 1)
     centered = torch.where(all_equal, 0.0, grouped - mean)  # (B, G)
-    advantages = centered / (std + 1e-4)  # (B, G)
+    if scale_rewards == "group":
+        advantages = centered / (grouped.std(dim=1, keepdim=True) + 1e-4)  # (B, G), unbiased std per group
+    elif scale_rewards == "batch":
+        advantages = centered / (rewards.std() + 1e-4)  # (B, G), unbiased std of all N
+    elif scale_rewards == "none":
+        advantages = centered  # (B, G)
+    else:
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return advantages.reshape(-1, 1)  # (N, 1)
 
 
@@ -362,6 +375,14 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
     return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (N, T)
 
 
+def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """True for each completion without an end-of-sequence token: cut off at the length limit.
+
+    completion_ids: (N, T) -> (N,) bool.
+    """
+    return ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).any(dim=1)  # (N,)
+
+
 # ================================================================================================
 # 5. The GRPO loss
 # ================================================================================================
@@ -375,6 +396,28 @@ def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
 
 
+def reduce_per_token(values: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                     max_completion_length: int | None = None) -> torch.Tensor:
+    """One number from per-token values (N, T) under mask (N, T), the way loss_type averages them:
+        "grpo"     mean_i [ sum_t mask_it v_it / sum_t mask_it ]   each completion weighs the same, so
+                   a token of a long completion counts less (DeepSeekMath)
+        "dapo"     sum_it mask_it v_it / sum_it mask_it            every token weighs the same (DAPO,
+                   arXiv 2503.14476); TRL's default
+        "dr_grpo"  sum_it mask_it v_it / (N * max_completion_length)   a constant divisor: no length
+                   bias at all (Dr. GRPO, arXiv 2503.20783)
+    Copy with: masked_sequence_mean.
+    """
+    if loss_type == "grpo":
+        return masked_sequence_mean(values, mask)
+    if loss_type == "dapo":
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it")
+        return (values * mask).sum() / (mask.size(0) * max_completion_length)
+    raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+
+
 def grpo_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -383,6 +426,10 @@ def grpo_loss(
     completion_mask: torch.Tensor,
     beta: float,
     epsilon: float,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
 
@@ -393,21 +440,38 @@ def grpo_loss(
         obj_t   = surr - beta * KL
     loss = - mean_i [ sum_t mask_it * obj_t / sum_t mask_it ]
 
+    With the defaults that is DeepSeekMath's GRPO. The later variants, one argument each:
+        epsilon_high               DAPO's clip-higher: rho is clipped to [1 - epsilon, 1 + epsilon_high]
+                                   (None: epsilon), so unlikely tokens with A > 0 can grow further
+        importance_sampling_level  "sequence" (GSPO, arXiv 2507.18071): every token of completion i uses
+                                   s_i = exp( sum_t mask_it (p - p_old) / sum_t mask_it ), one ratio for
+                                   the whole sequence, in both terms of the min; the KL stays per token
+        loss_type                  how obj_t is averaged: "grpo" as above, "dapo" over all tokens,
+                                   "dr_grpo" over N * max_completion_length (see reduce_per_token)
+
     log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
     beta == 0); advantages: (N, 1); completion_mask: (N, T).
-    Returns the scalar loss and detached metrics averaged the same way: kl, clip_ratio (share of tokens
-    whose clipped term is the smaller one, i.e. that get no gradient from the surrogate).
-    Copy with: masked_sequence_mean.
+    Returns the scalar loss and detached metrics, each a mean over sequences of a per-sequence token
+    mean: kl; clip_ratio_low / clip_ratio_high, the share of tokens clipped below (rho < 1 - epsilon,
+    A < 0) / above (rho > 1 + epsilon_high, A > 0), which get no gradient from the surrogate; and
+    clip_ratio, their sum.
+    Copy with: reduce_per_token, masked_sequence_mean.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
     assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
     assert beta == 0.0 or ref_log_probs is not None, "beta > 0 needs the reference log-probs"
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(log_probs.dtype)  # (N, T)
 
-    ratio = torch.exp(log_probs - old_log_probs)  # (N, T)
-    unclipped = ratio * advantages  # (N, T)
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon) * advantages  # (N, T)
-    surrogate = torch.min(unclipped, clipped)  # (N, T)
+    log_ratio = log_probs - old_log_probs  # (N, T)
+    if importance_sampling_level == "sequence":  # GSPO: the mean log-ratio of each completion
+        log_ratio = ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0))  # (N, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
+    unclipped = ratio * advantages  # (N, T) or (N, 1)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
+    surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
 
     if beta != 0.0:
         log_ratio_ref = ref_log_probs - log_probs  # (N, T)
@@ -417,11 +481,15 @@ def grpo_loss(
         kl = torch.zeros_like(log_probs)  # (N, T)
         objective = surrogate  # (N, T)
 
-    loss = -masked_sequence_mean(objective, mask)
+    loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
+    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0)).expand_as(mask).to(mask.dtype)  # (N, T)
+    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).expand_as(mask).to(mask.dtype)  # (N, T)
     metrics = {
         "kl": masked_sequence_mean(kl.detach(), mask),
-        "clip_ratio": masked_sequence_mean((clipped < unclipped).to(mask.dtype), mask),
+        "clip_ratio_low": masked_sequence_mean(clipped_low, mask),
+        "clip_ratio_high": masked_sequence_mean(clipped_high, mask),
     }
+    metrics["clip_ratio"] = metrics["clip_ratio_low"] + metrics["clip_ratio_high"]
     return loss, metrics
 
 
@@ -683,25 +751,29 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def step_record(step: int, iteration: int, rewards: torch.Tensor, correctness: torch.Tensor,
-                formatting: torch.Tensor, num_generations: int, update_means: dict, skipped: int,
-                completion_mask: torch.Tensor, attention_mask: torch.Tensor, mu: int, seconds: dict) -> dict:
+                formatting: torch.Tensor, truncated: torch.Tensor, num_generations: int, update_means: dict,
+                skipped: int, completion_mask: torch.Tensor, attention_mask: torch.Tensor, mu: int,
+                seconds: dict) -> dict:
     """The metrics of one training step, as written to metrics.jsonl (the README's table explains each).
 
-    rewards, correctness, formatting: (N,); update_means: loss, kl, clip_ratio, grad_norm averaged over
-    the mu updates; completion_mask (N, T) and attention_mask (N, P + T) count tokens; seconds: the
-    step's rollout, update and total wall time.
+    rewards, correctness, formatting: (N,); truncated: (N,) bool, completions cut at the length limit;
+    update_means: loss, kl, clip ratios, grad_norm averaged over the mu updates; completion_mask (N, T)
+    and attention_mask (N, P + T) count tokens; seconds: the step's rollout, update and total wall time.
     """
     lengths = completion_mask.sum(dim=1).float()  # (N,)
+    grouped = rewards.view(-1, num_generations)  # (B, G)
     return {
         "step": step,
         "iteration": iteration,
         "reward": rewards.mean().item(),
         "correctness_reward": correctness.mean().item(),
         "format_reward": formatting.mean().item(),
-        "reward_std": rewards.view(-1, num_generations).std(dim=1).mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
         **{name: float(value) for name, value in update_means.items()},
         "skipped_updates": skipped,
         "completion_length": lengths.mean().item(),
+        "truncated_ratio": truncated.float().mean().item(),
         "step_seconds": seconds["step"],
         "rollout_seconds": seconds["rollout"],
         "update_seconds": seconds["update"],
@@ -961,35 +1033,48 @@ def micro_batches(num_sequences: int, size: int) -> list[slice]:
 def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                               completion_mask: torch.Tensor, advantages: torch.Tensor,
                               old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
-                              micro_batch_size: int, beta: float, epsilon: float) -> tuple[torch.Tensor, dict]:
+                              micro_batch_size: int, beta: float, epsilon: float, batch_tokens: float | None = None,
+                              **variant) -> tuple[torch.Tensor, dict]:
     """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
 
-    The loss is a mean over the N sequences, so a micro-batch of n sequences contributes its own mean
-    loss times n / N: the gradients accumulated in .grad are those of the full batch, while only one
-    micro-batch's (n, T, V) logits exist at a time.
+    The loss is an average over the batch, so each micro-batch's own loss is weighted by its share of
+    that average: n / N for a micro-batch of n sequences when the loss averages over sequences ("grpo",
+    "dr_grpo"), its completion tokens / the batch's when it averages over tokens ("dapo"). The gradients
+    accumulated in .grad are then those of the full batch, while only one micro-batch's (n, T, V)
+    logits exist at a time.
     old_log_probs None means the policy has not changed since the rollout (the first of the mu updates):
     pi_old is then the policy itself, and this pass's own detached log-probs serve as old_log_probs
     (rho = 1), with no extra forward pass.
 
     log_prob_fn(input_ids, attention_mask, T) -> (n, T), e.g. a DataParallel-wrapped LogProbModule;
-    input_ids, attention_mask: (N, P + T); completion_mask, old and ref log-probs: (N, T); advantages: (N, 1).
-    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip_ratio (detached).
-    Copy with: grpo_loss, masked_sequence_mean, micro_batches.
+    input_ids, attention_mask: (N, P + T); completion_mask (the tokens that get a loss), old and ref
+    log-probs: (N, T); advantages: (N, 1); variant: grpo_loss's epsilon_high, loss_type,
+    importance_sampling_level, max_completion_length. batch_tokens: the token count "dapo" divides by
+    (default: completion_mask.sum(); under torchrun the count over all processes / their number).
+    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached;
+    the metrics are means over sequences whatever the loss type).
+    Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, micro_batches.
     """
     num_sequences, num_completion_tokens = completion_mask.shape  # N, T
+    if batch_tokens is None:
+        batch_tokens = completion_mask.sum().item()
     log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
     for c in micro_batches(num_sequences, micro_batch_size):
         log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
         log_probs_seen[c] = log_probs.detach()
         old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
         loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
-                                  advantages[c], completion_mask[c], beta, epsilon)
-        weight = (c.stop - c.start) / num_sequences
+                                  advantages[c], completion_mask[c], beta, epsilon, **variant)
+        share = (c.stop - c.start) / num_sequences  # of the sequences
+        if variant.get("loss_type", "grpo") == "dapo":  # of the tokens
+            weight = completion_mask[c].sum() / max(batch_tokens, 1.0)
+        else:
+            weight = share
         (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
         totals["loss"] += loss.detach() * weight
-        totals["kl"] += metrics["kl"] * weight
-        totals["clip_ratio"] += metrics["clip_ratio"] * weight
+        for name, value in metrics.items():
+            totals[name] += value * share
     return log_probs_seen, totals
 
 
@@ -1013,6 +1098,11 @@ def train_with_grpo(
     micro_batch_size: int = 4,
     bf16: bool = True,
     seed: int = 42,
+    scale_rewards: str = "group",
+    loss_type: str = "grpo",
+    epsilon_high: float | None = None,
+    importance_sampling_level: str = "token",
+    mask_truncated_completions: bool = False,
     run: RunControl | None = None,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step.
@@ -1022,6 +1112,9 @@ def train_with_grpo(
     per step, pi_old being the policy that sampled the step's completions. The loss forward/backward
     runs micro_batch_size sequences per GPU at a time with gradients accumulated, so one update equals
     the full-batch one without holding (N, T, V) logits. bf16 autocast applies on GPU only.
+    scale_rewards, loss_type, epsilon_high, importance_sampling_level: the GRPO variants (see
+    compute_group_advantages and grpo_loss); mask_truncated_completions: DAPO's overlong filtering, no
+    loss for a completion cut at max_completion_length. The defaults are DeepSeekMath's GRPO.
     run (engineering section C) says where metrics and checkpoints go, what to resume from and when to
     stop; without it, nothing is written.
     """
@@ -1036,6 +1129,8 @@ def train_with_grpo(
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
     chunk = micro_batch_size * num_data_parallel_devices(device)  # DataParallel gives each GPU micro_batch_size
     total_steps, history = num_iterations * num_steps, []
+    variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                   max_completion_length=max_completion_length)  # grpo_loss's variant arguments
     first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps)  # (0, None) unless resumed
 
     for step in range(first_step, total_steps):  # step: 0-based global step
@@ -1063,7 +1158,11 @@ def train_with_grpo(
         correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
         formatting = torch.tensor(format_reward(texts))  # (N,)
         rewards = correctness + formatting  # (N,): r_i, as combined_reward defines it
-        advantages = compute_group_advantages(rewards, num_generations).to(device)  # (N, 1)
+        advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
+        truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
+        loss_mask = completion_mask  # (N, T): the tokens that get a loss
+        if mask_truncated_completions:  # DAPO's overlong filtering: an unfinished completion gets none
+            loss_mask = completion_mask * ~truncated.unsqueeze(1)  # (N, T)
 
         # 4) The reference model's log-probs of the same tokens, once per step (no gradient): the KL anchor.
         ref_log_probs = None
@@ -1078,12 +1177,11 @@ def train_with_grpo(
         #    detached, are recorded as old_log_probs for the updates after it: no extra forward pass.
         update_start = time.perf_counter()
         policy.train()
-        old_log_probs, skipped = None, 0  # None: the first update uses its own log-probs (rho = 1)
-        update_means = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        old_log_probs, skipped, update_means = None, 0, {}  # None: the first update uses its own log-probs
         for update in range(mu):
             log_probs, totals = accumulate_grpo_gradients(
-                policy_log_probs, input_ids, attention_mask, completion_mask, advantages,
-                old_log_probs, ref_log_probs, chunk, beta, epsilon)  # log_probs: (N, T), detached
+                policy_log_probs, input_ids, attention_mask, loss_mask, advantages,
+                old_log_probs, ref_log_probs, chunk, beta, epsilon, **variant)  # log_probs: (N, T), detached
             if update == 0:
                 old_log_probs = log_probs  # log pi_old, recorded by the first update
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
@@ -1093,13 +1191,13 @@ def train_with_grpo(
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
             for name, value in {**totals, "grad_norm": grad_norm}.items():
-                update_means[name] += value / mu
+                update_means[name] = update_means.get(name, 0.0) + value / mu
 
         # 6) Log: the step's numbers, printed and appended to metrics.jsonl.
         now = time.perf_counter()
         seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - step_start}
-        record = step_record(step + 1, step // num_steps + 1, rewards, correctness, formatting, num_generations,
-                             update_means, skipped, completion_mask, attention_mask, mu, seconds)
+        record = step_record(step + 1, step // num_steps + 1, rewards, correctness, formatting, truncated,
+                             num_generations, update_means, skipped, completion_mask, attention_mask, mu, seconds)
         history.append(record)
         run.log_step(record, total_steps, mu, sample=(batch[0]["question"], texts[0], answers[0], rewards[0].item()))
 
@@ -1310,6 +1408,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
 
+    g = parser.add_argument_group("GRPO variants, with TRL's names (the defaults are DeepSeekMath's GRPO)")
+    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"],
+                   help="how per-token objectives are averaged: grpo = mean over completions of each one's token "
+                        "mean; dapo = mean over all completion tokens (DAPO); dr_grpo = token sum / (N * "
+                        "max_completion_length) (Dr. GRPO)")
+    g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
+                   help="advantage = (r - group mean) / divisor: group = group std + 1e-4; batch = std of all "
+                        "the step's rewards + 1e-4; none = no division (Dr. GRPO)")
+    g.add_argument("--epsilon_high", type=positive_float, default=None,
+                   help="DAPO's clip-higher: the ratio is kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); "
+                        "default: --epsilon")
+    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
+                   help="token = one ratio per token; sequence = exp(mean log-ratio of the completion) for all "
+                        "its tokens (GSPO, which uses --epsilon 3e-4 --epsilon_high 4e-4)")
+    g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
+                   help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length "
+                        "without an end-of-sequence token")
+
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval_size", type=non_negative_int, default=100,
                    help="held-out examples scored before and after training; 0 = skip evaluation")
@@ -1338,7 +1454,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, checked: a bad value or combination exits with status 2 and a one-line message."""
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
+        parser.error(f"--epsilon_high {args.epsilon_high} is below --epsilon {args.epsilon}: clip-higher widens "
+                     "the range above 1 (DAPO: --epsilon 0.2 --epsilon_high 0.28)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -1425,7 +1546,9 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         num_generations=args.num_generations, max_completion_length=args.max_completion_length, mu=args.mu,
         beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
-        bf16=args.bf16, seed=args.seed, run=control,
+        bf16=args.bf16, seed=args.seed, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
+        epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
+        mask_truncated_completions=args.mask_truncated_completions, run=control,
     )
 
     if eval_examples:

@@ -135,7 +135,7 @@ def _train(model, tokenizer, examples, **overrides):
     return grpo.train_with_grpo(model, tokenizer, examples, **settings)
 
 
-def _two_updates(model, micro_batch_size, batch):
+def _two_updates(model, micro_batch_size, batch, **variant):
     """Gradients of two GRPO updates (the policy nudged in between) with the given micro-batch size,
     pi_old recorded by the first update as train_with_grpo does."""
     input_ids, attention_mask, completion_mask, advantages, ref_log_probs = batch
@@ -145,7 +145,8 @@ def _two_updates(model, micro_batch_size, batch):
     for update in range(2):
         model.zero_grad(set_to_none=True)
         log_probs, totals = grpo.accumulate_grpo_gradients(log_prob_fn, input_ids, attention_mask, completion_mask,
-                                                           advantages, old, ref_log_probs, micro_batch_size, 0.04, 0.2)
+                                                           advantages, old, ref_log_probs, micro_batch_size, 0.04, 0.2,
+                                                           **variant)
         if update == 0:
             old = log_probs
         results.append((log_probs.clone(), totals["loss"].item(),
@@ -214,9 +215,9 @@ def _signal_on_call(monkeypatch, function_name, call_number, signum):
 def _nan_advantages_on_steps(monkeypatch, bad_steps):
     original, calls = grpo.compute_group_advantages, []
 
-    def wrapper(rewards, num_generations):
+    def wrapper(*args, **kwargs):
         calls.append(1)
-        advantages = original(rewards, num_generations)
+        advantages = original(*args, **kwargs)
         return advantages * float("nan") if len(calls) in bad_steps else advantages
 
     monkeypatch.setattr(grpo, "compute_group_advantages", wrapper)
@@ -400,6 +401,21 @@ def test_advantages_use_the_unbiased_group_std():
     assert grpo.compute_group_advantages(rewards, 4).squeeze(1).tolist() == pytest.approx(expected, rel=1e-5)
 
 
+def test_batch_and_unscaled_advantages_match_hand_computation():
+    rewards = [0.0, 2.8, 0.4, 1.0, 2.0, 2.0, 0.2, 1.7]  # G = 4: two groups
+    means = [sum(rewards[:4]) / 4, sum(rewards[4:]) / 4]
+    centered = [r - means[i // 4] for i, r in enumerate(rewards)]
+    batch_mean = sum(rewards) / 8
+    batch_std = math.sqrt(sum((r - batch_mean) ** 2 for r in rewards) / 7)  # unbiased, over all N
+    got_none = grpo.compute_group_advantages(torch.tensor(rewards), 4, scale_rewards="none").squeeze(1).tolist()
+    got_batch = grpo.compute_group_advantages(torch.tensor(rewards), 4, scale_rewards="batch").squeeze(1).tolist()
+    assert got_none == pytest.approx(centered, abs=1e-6)
+    assert got_batch == pytest.approx([c / (batch_std + 1e-4) for c in centered], rel=1e-5, abs=1e-6)
+    equal_group = torch.tensor([2.8] * 8 + [0.0, 1.0] * 4)
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(grpo.compute_group_advantages(equal_group, 8, scale)[:8], torch.zeros(8, 1)), scale
+
+
 def test_advantages_reject_a_group_of_one():
     with pytest.raises(ValueError):
         grpo.compute_group_advantages(torch.tensor([1.0, 2.0]), 1)
@@ -507,6 +523,11 @@ def test_completion_mask_ends_at_the_first_eos(row, expected):
     assert mask.tolist() == [expected]
 
 
+def test_a_completion_without_an_end_of_sequence_token_is_truncated():
+    completions = torch.tensor([[5, 9, 5], [5, 5, 5], [3, 0, 0], [5, 5, 9]])
+    assert grpo.truncated_completions(completions, [9, 3]).tolist() == [False, True, False, False]
+
+
 def test_end_of_sequence_ids_include_every_end_of_turn_token(tiny):
     model, tokenizer = tiny
     assert grpo.end_of_sequence_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
@@ -542,6 +563,73 @@ def test_grpo_loss_matches_hand_computation():
     # seq 1 token 0 (ratio 1.82, A < 0) are not clipped. Per-sequence shares 1/2 and 1/3.
     assert metrics["clip_ratio"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert metrics["kl"].item() > 0
+
+
+def _hand_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, level, max_len):
+    """The GRPO family's loss written token by token from the papers' formulas, with scalar tensor
+    arithmetic so that autograd gives its gradient with respect to logp (an (N, T) float64 leaf)."""
+    n_seq, n_tok = len(mask), len(mask[0])
+    objective = {}
+    for i in range(n_seq):
+        length = max(sum(mask[i]), 1)
+        sequence_ratio = torch.exp(sum(mask[i][t] * (logp[i, t] - old[i][t]) for t in range(n_tok)) / length)
+        for t in range(n_tok):
+            ratio = sequence_ratio if level == "sequence" else torch.exp(logp[i, t] - old[i][t])
+            clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+            surrogate = torch.minimum(ratio * adv[i], clipped * adv[i])
+            kl = torch.exp(ref[i][t] - logp[i, t]) - (ref[i][t] - logp[i, t]) - 1
+            objective[i, t] = mask[i][t] * (surrogate - beta * kl)
+    if loss_type == "grpo":
+        total = sum(sum(objective[i, t] for t in range(n_tok)) / max(sum(mask[i]), 1) for i in range(n_seq)) / n_seq
+    elif loss_type == "dapo":
+        total = sum(objective.values()) / sum(map(sum, mask))
+    else:  # dr_grpo
+        total = sum(objective.values()) / (n_seq * max_len)
+    return -total
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("epsilon_high", [None, 0.28])
+def test_every_loss_variant_matches_hand_computation_in_value_and_gradient(loss_type, level, epsilon_high):
+    logp = [[-1.0, -2.0, -0.5, -0.7], [-0.3, -1.2, -2.2, -0.1], [-0.8, -0.6, -1.9, -1.1]]
+    old = [[-1.4, -1.5, -0.5, -0.9], [-0.9, -0.5, -2.0, -0.4], [-0.5, -0.9, -1.6, -1.3]]
+    ref = [[-0.9, -2.5, -0.4, -0.6], [-0.2, -1.1, -3.0, -0.2], [-0.7, -0.5, -2.0, -1.0]]
+    adv, mask = [1.5, -0.5, 0.8], [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    beta, eps, max_len = 0.04, 0.2, 6
+    hand_leaf = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    expected = _hand_loss(hand_leaf, old, ref, adv, mask, beta, eps, epsilon_high or eps, loss_type, level, max_len)
+    expected.backward()
+    leaf = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    loss, metrics = grpo.grpo_loss(leaf, torch.tensor(old, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
+                                   torch.tensor(adv, dtype=torch.float64).unsqueeze(1), torch.tensor(mask), beta, eps,
+                                   epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=level,
+                                   max_completion_length=max_len)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert torch.allclose(leaf.grad, hand_leaf.grad, atol=1e-12)
+    assert metrics["clip_ratio"].item() == pytest.approx(metrics["clip_ratio_low"].item() + metrics["clip_ratio_high"].item())
+
+
+def test_clip_higher_keeps_the_gradient_of_tokens_between_the_two_limits():
+    # rho = 1.25, A > 0: clipped at 1 + 0.2 (no gradient) but not at 1 + 0.28 (gradient).
+    logp, old = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-math.log(1.25)]])
+    for epsilon_high, has_gradient, high in ((None, False, 1.0), (0.28, True, 0.0)):
+        logp.grad = None
+        loss, metrics = grpo.grpo_loss(logp, old, None, torch.tensor([[1.0]]), torch.ones(1, 1), 0.0, 0.2,
+                                       epsilon_high=epsilon_high)
+        loss.backward()
+        assert (logp.grad.abs().item() > 0) == has_gradient and metrics["clip_ratio_high"].item() == high
+
+
+def test_sequence_level_ratio_is_one_number_per_completion():
+    # GSPO: tokens with opposite log-ratios cancel in s_i, so nothing is clipped though each token ratio would be.
+    logp = torch.tensor([[0.0, 0.0]])
+    old = torch.tensor([[0.5, -0.5]])  # token ratios exp(-0.5), exp(0.5): both outside [0.8, 1.2]
+    args = (logp, old, None, torch.tensor([[1.0]]), torch.ones(1, 2), 0.0, 0.2)
+    assert grpo.grpo_loss(*args)[1]["clip_ratio"].item() > 0
+    loss, metrics = grpo.grpo_loss(*args, importance_sampling_level="sequence")
+    assert metrics["clip_ratio"].item() == 0.0 and loss.item() == pytest.approx(-1.0)  # s = exp(0) = 1
 
 
 def test_kl_is_zero_when_policy_equals_reference():
@@ -739,7 +827,13 @@ def test_batch_indices_cover_each_pass_once_when_a_batch_spans_two_passes():
     assert grpo.batch_indices(1, 4, 7, seed=5) == passes[0][4:] + passes[1][:1]
 
 
-def test_micro_batches_give_the_full_batch_gradient(tiny):
+@pytest.mark.parametrize("variant", [
+    {},
+    {"loss_type": "dapo", "epsilon_high": 0.28},
+    {"loss_type": "dr_grpo", "max_completion_length": 8},
+    {"importance_sampling_level": "sequence"},
+], ids=["grpo", "dapo", "dr_grpo", "gspo"])
+def test_micro_batches_give_the_full_batch_gradient(tiny, variant):
     model, tokenizer = tiny
     torch.manual_seed(0)
     input_ids = torch.cat([prompt_ids_for(tokenizer, copies=6), torch.randint(0, 300, (6, 5))], dim=1)  # (6, P + 5)
@@ -749,11 +843,12 @@ def test_micro_batches_give_the_full_batch_gradient(tiny):
         ref_log_probs = grpo.compute_log_probs(model, input_ids, attention_mask, 5) - 0.1  # (6, 5)
     batch = (input_ids, attention_mask, completion_mask, torch.randn(6, 1), ref_log_probs)
     initial = copy.deepcopy(model.state_dict())
-    full = _two_updates(model, 6, batch)
+    full = _two_updates(model, 6, batch, **variant)
     assert torch.count_nonzero(full[1][2]) > 0 and full[1][1] != full[0][1]
     for micro_batch_size in (4, 1):
         model.load_state_dict(initial)
-        for (old, loss, grads), (old_full, loss_full, grads_full) in zip(_two_updates(model, micro_batch_size, batch), full):
+        for (old, loss, grads), (old_full, loss_full, grads_full) in zip(
+                _two_updates(model, micro_batch_size, batch, **variant), full):
             assert torch.allclose(old, old_full, atol=1e-6)
             assert loss == pytest.approx(loss_full, abs=1e-6)
             assert torch.allclose(grads, grads_full, atol=1e-6, rtol=1e-5)
@@ -839,6 +934,27 @@ def test_no_reference_model_is_made_when_beta_is_zero(tiny, tiny_dir, monkeypatc
     assert history[0]["kl"] == 0.0
 
 
+def test_step_record_reports_zero_std_groups_and_truncation():
+    rewards = torch.tensor([2.8, 2.8, 0.0, 0.8])  # G = 2: the first group agrees (no signal), the second not
+    record = grpo.step_record(1, 1, rewards, rewards, rewards * 0, torch.tensor([True, False, False, False]), 2,
+                              {"loss": 0.0}, 0, torch.ones(4, 3), torch.ones(4, 5), 1,
+                              {"step": 1.0, "rollout": 0.5, "update": 0.5})
+    assert record["frac_reward_zero_std"] == 0.5 and record["truncated_ratio"] == 0.25
+
+
+def test_masked_truncated_completions_get_no_loss(tiny, tiny_dir, monkeypatch):
+    model, tokenizer = tiny
+    examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "trunc.jsonl"), arithmetic_rows(4)))
+    # Advantages that would move the weights if any token got a loss.
+    monkeypatch.setattr(grpo, "compute_group_advantages", lambda rewards, *args: torch.tensor([[1.0], [-1.0]] * 4))
+    before = copy.deepcopy(model.state_dict())
+    history = _train(model, tokenizer, examples, max_completion_length=2, mask_truncated_completions=True,
+                     weight_decay=0.0, beta=0.04)
+    assert history[0]["truncated_ratio"] == 1.0  # nothing ended within 2 tokens: every completion is masked
+    assert history[0]["loss"] == 0.0
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
 def test_format_reward_rises_on_the_tiny_model(tiny, tiny_dir):
     """A toy run: with a large learning rate the random model learns to emit the format tags."""
     model, tokenizer = tiny
@@ -885,6 +1001,8 @@ def test_main_end_to_end_writes_a_loadable_model_and_metrics(tiny_dir, tmp_path,
 
 def test_defaults_follow_the_seed():
     args = grpo.parse_args([])
+    assert (args.loss_type, args.scale_rewards, args.epsilon_high, args.importance_sampling_level,
+            args.mask_truncated_completions) == ("grpo", "group", None, "token", False)
     assert (args.num_iterations, args.num_steps, args.num_generations, args.max_completion_length, args.mu,
             args.epsilon) == (1, 500, 4, 400, 3, 0.2)
     assert (args.model_name, args.dataset, args.batch_size, args.beta, args.learning_rate, args.max_grad_norm,
@@ -903,6 +1021,11 @@ def test_defaults_follow_the_seed():
     (["--beta", "-0.1"], "0 or more"),
     (["--num_steps", "ten"], "not a valid int"),
     (["--temperature", "nan"], "positive"),
+    (["--epsilon_high", "0.1"], "below --epsilon"),
+    (["--epsilon_high", "0"], "positive"),
+    (["--loss_type", "ppo"], "invalid choice"),
+    (["--scale_rewards", "std"], "invalid choice"),
+    (["--importance_sampling_level", "word"], "invalid choice"),
 ])
 def test_bad_flag_values_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
