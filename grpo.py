@@ -58,14 +58,17 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+import urllib.parse
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 # ================================================================================================
@@ -864,21 +867,47 @@ class TrainingStopped(Exception):
         self.checkpoint, self.signum = checkpoint, signum
 
 
+class Interrupted(Exception):
+    """A signal stopped the run outside training (loading, evaluation), where nothing is half done."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum = signum
+
+
 class StopRequest:
-    """A signal handler for SIGINT / SIGTERM that only records the request; the training loop checks
-    is_set() after every step, finishes that step, saves a checkpoint and stops. A second signal quits
-    at once (KeyboardInterrupt)."""
+    """The handler of SIGINT (Ctrl-C) and SIGTERM (a job being pre-empted).
+
+    While training (inside `deferred()`), a first signal is only recorded: the loop finishes its step,
+    saves a checkpoint and stops; a second one quits at once without saving (KeyboardInterrupt).
+    Anywhere else (loading, evaluation) the first signal stops the run at once (Interrupted): nothing
+    there is worth finishing, and evaluation can be run again.
+    """
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.deferring = None, False
+        self.where = "while loading"  # what the run is doing, for the message (run() keeps it up to date)
 
     def is_set(self) -> bool:
         return self.signum is not None
 
+    @contextmanager
+    def deferred(self):
+        """Signals during this block let the current training step finish and save."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
     def __call__(self, signum, frame) -> None:
         if self.is_set():
-            raise KeyboardInterrupt
+            if self.deferring:
+                raise KeyboardInterrupt
+            return  # the run is already on its way out
         self.signum = signum
+        if not self.deferring:
+            raise Interrupted(signum, self.where)
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
               "(send it again to quit at once, without saving)", flush=True)
 
@@ -934,7 +963,8 @@ class RunControl:
         return state["step"], reference
 
     def log_step(self, record: dict, total_steps: int, mu: int, sample: tuple[str, str, str, float]) -> None:
-        """Print the step's line (and now and then a sample completion), append it to metrics.jsonl."""
+        """Print the step's line (every log_completions_steps steps also a line of details and a sample
+        completion) and append the record to metrics.jsonl."""
         self.step_seconds.append(record["step_seconds"])
         if self.metrics_path:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
@@ -942,17 +972,14 @@ class RunControl:
                 f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                     for k, v in record.items()}) + "\n")
         step, skipped = record["step"], record["skipped_updates"]
-        eta = sum(self.step_seconds) / len(self.step_seconds) * (total_steps - step)
-        print(f"step {step}/{total_steps} {progress_bar(step, total_steps)} "
-              f"reward {record['reward']:.3f} (correct {record['correctness_reward']:.3f} "
-              f"format {record['format_reward']:.3f} std {record['reward_std']:.3f}) "
-              f"kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} loss {record['loss']:+.4f} "
-              f"len {record['completion_length']:.0f} | {record['step_seconds']:.1f}s "
-              f"(rollout {record['rollout_seconds']:.1f}s) {record['tokens_per_second']:.0f} tok/s "
-              f"eta {format_seconds(eta)}" + (f" | SKIPPED {skipped}/{mu} non-finite updates" if skipped else ""),
-              flush=True)
+        eta = remaining_seconds(self.step_seconds, total_steps - step)
+        print(step_line(record, total_steps, eta), flush=True)
+        if skipped:
+            print(f"  SKIPPED {skipped}/{mu} non-finite updates of step {step} (the loss or gradient norm was NaN/inf)",
+                  flush=True)
         if self.log_completions_steps and step % self.log_completions_steps == 0:
             question, text, answer, reward = sample
+            print(details_line(record), flush=True)
             print(f"--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n>>> {text}\n---", flush=True)
 
     def checkpoint_or_stop(self, step: int, total_steps: int, skipped: int, policy, tokenizer, optimizer,
@@ -975,15 +1002,62 @@ class RunControl:
             raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}", path, signum)
 
 
+def remaining_seconds(step_seconds: list[float], steps_left: int) -> float:
+    """The ETA: the median of the last five step times, times the steps left. The first steps (warm-up,
+    compilation, caches filling) are slower than the rest: a mean since the start overestimates."""
+    return statistics.median(step_seconds[-5:]) * steps_left if step_seconds else 0.0
+
+
+def step_line(record: dict, total_steps: int, eta_seconds: float) -> str:
+    """The one line printed per step (at most 120 characters): what tells whether RL is working."""
+    return (f"step {record['step']}/{total_steps} reward {record['reward']:.3f} "
+            f"(correct {record['correctness_reward']:.3f} format {record['format_reward']:.3f}) "
+            f"std {record['reward_std']:.2f} kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} "
+            f"len {record['completion_length']:.0f} {record['step_seconds']:.1f}s eta {format_seconds(eta_seconds)}")
+
+
+def details_line(record: dict) -> str:
+    """A second line (at most 120 characters), every log_completions_steps steps: the diagnostics and
+    where the time went."""
+    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} clip low {record['clip_ratio_low']:.3f} "
+            f"high {record['clip_ratio_high']:.3f} zero-std {record['frac_reward_zero_std']:.2f} truncated "
+            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """values as a line of block characters (their mean over `width` equal stretches), low to high."""
+    blocks = "▁▂▃▄▅▆▇█"
+    try:
+        blocks.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        blocks = "_.-:=+*#"  # a terminal without Unicode
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return ""
+    n = min(width, len(values))
+    chunks = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]  # n non-empty stretches
+    means = [sum(c) / len(c) for c in chunks]
+    low, high = min(means), max(means)
+    return "".join(blocks[int((m - low) / (high - low) * (len(blocks) - 1)) if high > low else 0] for m in means)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def print_run_summary(history: list[dict], device: torch.device) -> None:
-    """Where the time went: rollout vs update per step, throughput, and peak memory."""
+    """The run at a glance (reward, correctness, format, KL as sparklines) and where the time went."""
     if not history:
         return
+    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"),
+                       ("kl", "kl")):
+        print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
     mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
-    print(f"summary: {len(history)} steps, {mean['step_seconds']:.2f} s/step = rollout {mean['rollout_seconds']:.2f} s"
-          f" + update {mean['update_seconds']:.2f} s + reference pass and scoring; generation "
-          f"{mean['generation_tokens_per_second']:.0f} tok/s, training {mean['train_tokens_per_second']:.0f} tok/s; "
-          f"peak memory {peak_memory_mib(device):.0f} MiB "
+    print(f"summary: {plural(len(history), 'step')}, {mean['step_seconds']:.2f} s/step = rollout "
+          f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring; "
+          f"generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
+          f"{mean['train_tokens_per_second']:.0f} tok/s; peak memory {peak_memory_mib(device):.0f} MiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
 
 
@@ -1208,25 +1282,60 @@ def train_with_grpo(
     return history
 
 
+
 # ================================================================================================
-# Engineering D: loading data and models, and their error messages
+# Engineering D: loading data and models, the output folder, and their error messages
 # (skip on first reading; the tutorial continues at section 9)
 # ================================================================================================
-# Every expected failure (a missing file, a bad flag value, an unknown model) ends in one line that
-# says what is wrong, and leaves nothing behind.
+# Every expected failure (a missing file, a bad flag value, an unknown model, no network) ends in one
+# line that says what is wrong and what to do, and leaves nothing behind.
 
 
 class DataError(ValueError):
-    """A data set or model that cannot be used; main() prints its message as one line and exits 1."""
+    """A data set, model or folder that cannot be used; main() prints its message as one line and exits 1."""
+
+
+OFFLINE_ADVICE = ("without a network, pass a local --dataset FILE.jsonl and --model_name DIR, or set "
+                  "HF_HUB_OFFLINE=1 to use what the hub cache already holds")
+
+
+def looks_local(name: str) -> bool:
+    """Whether name is meant as a local path rather than a hub id ("owner/name"): it starts with '.',
+    '/' or '~', has a file extension or more than one '/', or its first folder exists here."""
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".jsonl"))
+            or os.path.isdir(first))
+
+
+def use_hub_cache_only_if_offline() -> None:
+    """Without a network the hub libraries retry each file for about 25 s before failing. Check once,
+    within 3 s, and if the hub cannot be reached use only the local cache (as HF_HUB_OFFLINE=1 would)."""
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(
+            os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # offline already, or a proxy that a direct connection would not go through
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        print(f"{host} cannot be reached: using only the local hub cache", flush=True)
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # what transformers asks before any download
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read by datasets on import
 
 
 def _gsm8k_rows(source: str, split: str) -> list[dict]:
     """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
-    if source.endswith((".json", ".jsonl")):
+    if looks_local(source):
+        if os.path.isdir(source) or (os.path.exists(source) and not source.endswith((".json", ".jsonl"))):
+            raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
         if not os.path.isfile(source):
             raise DataError(f"data file not found: {source}")
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
+                text = f.read()
+        except UnicodeDecodeError:
+            raise DataError(f"{source} is not UTF-8 text") from None
         if not text.strip():
             raise DataError(f"data file is empty: {source}")
         try:
@@ -1235,15 +1344,15 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
-    if os.path.exists(source):
-        raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
+    use_hub_cache_only_if_offline()
     import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
 
     try:
         return list(datasets.load_dataset(source, "main", split=split))
     except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}") from None
+        raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}; "
+                        f"{OFFLINE_ADVICE}") from None
 
 
 def load_gsm8k(source: str, split: str = "train") -> list[dict]:
@@ -1287,16 +1396,19 @@ def resolve_device(choice: str) -> torch.device:
 def load_model_and_tokenizer(name: str, device: torch.device):
     """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
     its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+    path = os.path.expanduser(name)
+    if looks_local(name) and not os.path.isdir(path):
         raise DataError(f"model directory not found: {name}")
+    if not looks_local(name):
+        use_hub_cache_only_if_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32,
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      attn_implementation="sdpa")  # fused attention kernels
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load model '{name}': {first_line}") from None
+        advice = "" if looks_local(name) else f"; {OFFLINE_ADVICE}"
+        raise DataError(f"could not load model '{name}': {first_line}{advice}") from None
     if not tokenizer.chat_template:
         raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
     if tokenizer.pad_token is None:
@@ -1304,16 +1416,29 @@ def load_model_and_tokenizer(name: str, device: torch.device):
     return model.to(device), tokenizer
 
 
-RUN_FILES = ("args.json", "metrics.jsonl", "eval.json", "config.json")
+def format_count(n: int) -> str:
+    """A parameter count people read at a glance: 29,504 -> '29.5K', 1,543,714,304 -> '1.54B'."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{suffix}"
+    return str(n)
+
+
+def finished_model_in(output_dir: str) -> bool:
+    """Whether output_dir holds the final model of a run (save_pretrained writes config.json)."""
+    return os.path.isfile(os.path.join(output_dir, "config.json"))
 
 
 def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
     """The checkpoint to resume from (or None), after checking that --output_dir may be used; no side effects.
 
-    A folder that already holds a run is never silently reused: --resume_from carries it on,
-    --overwrite_output_dir starts again (see clear_previous_run).
+    A folder that holds a run worth keeping (a checkpoint or a finished model) is never silently
+    reused: --resume_from carries it on, --overwrite_output_dir starts again. A folder with neither
+    (an attempt stopped before its first checkpoint) is simply started again.
     """
     out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--output_dir {out} is a file, not a folder")
     if args.resume_from:
         checkpoint = args.resume_from
         if checkpoint == "latest":
@@ -1323,8 +1448,8 @@ def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
         if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
             raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
         return checkpoint
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))] + \
-           [os.path.basename(path) for path in list_checkpoints(out)]
+    held = [os.path.basename(path) for path in list_checkpoints(out)]
+    held += ["a finished model"] if finished_model_in(out) else []
     if held and not args.overwrite_output_dir:
         raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
                         "or start again with --overwrite_output_dir")
@@ -1332,13 +1457,33 @@ def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
 
 
 def clear_previous_run(output_dir: str) -> None:
-    """--overwrite_output_dir: delete the old run's checkpoints, metrics and evaluation (its final
-    weights are overwritten at the end). Called only once the new run's model has loaded."""
+    """Before a new run in output_dir: delete an earlier run's checkpoints, metrics, evaluation and the
+    config.json that marks a finished model (its weights are overwritten at the end). Called only once
+    the new run's model has loaded, so a run that fails to start deletes nothing."""
     for path in list_checkpoints(output_dir):
         shutil.rmtree(path)
-    for name in ("metrics.jsonl", "eval.json"):
+    for name in ("metrics.jsonl", "eval.json", "config.json"):
         if os.path.exists(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
+
+
+def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | None) -> None:
+    """args.json: the flags of the run, written when it starts; each resume is appended to its
+    "resumes" list (from which checkpoint, and which flags changed), the original flags kept."""
+    path = os.path.join(output_dir, "args.json")
+    flags = {k: v for k, v in vars(args).items() if k not in ("resume_from", "overwrite_output_dir")}
+    record = {**flags, "resumes": []}
+    if resumed_from is not None and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        changed = {k: [record.get(k), v] for k, v in flags.items() if record.get(k) != v}
+        record.setdefault("resumes", []).append({"from": resumed_from["path"], "step": resumed_from["step"],
+                                                 "changed": changed})
+        if changed:
+            print("changed since the run began: " + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _number_type(kind, name: str, check, requirement: str):
@@ -1363,15 +1508,37 @@ non_negative_float = _number_type(float, "non_negative_float", lambda v: v >= 0 
 open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "strictly between 0 and 1")
 
 
+def what_to_run_next(output_dir: str) -> str:
+    """After a stop: the command that carries on (or starts again), for the last line printed."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command with --resume_from latest"
+    return "no checkpoint was saved: run the same command again to start over"
+
+
 # ================================================================================================
 # 9. The command line
 # ================================================================================================
+
+EXAMPLES = """examples:
+  # CPU smoke run with a small real model (downloads it once)
+  python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
+      --max_completion_length 32 --eval_size 4
+  # the real run on one GPU
+  CUDA_VISIBLE_DEVICES=0 python grpo.py --num_generations 4 --mu 3
+  # several GPUs: DataParallel over all visible GPUs in one process
+  python grpo.py --num_generations 4 --mu 3
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag's help; the examples printed as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every hyperparameter as a flag, grouped; defaults follow the seed notebook's run."""
     parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module docstring).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter, epilog=EXAMPLES)
     g = parser.add_argument_group("model and data")
     g.add_argument("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub id or local directory of a chat model")
     g.add_argument("--dataset", default="openai/gsm8k", help="hub data set (config 'main', split 'train') or a "
@@ -1446,7 +1613,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_total_limit", type=positive_int, default=2,
                    help="keep only the newest this many checkpoints (for the 1.5B model each is about 22 GB)")
     g.add_argument("--resume_from", default=None,
-                   help="carry on from a checkpoint folder, or 'latest' for the newest one in --output_dir")
+                   help="carry on from a checkpoint folder, or 'latest' for the newest one in --output_dir "
+                        "(a finished run: with a larger --num_steps, counted from the start of the run)")
     g.add_argument("--max_bad_steps", type=positive_int, default=3,
                    help="stop (with a checkpoint) after this many steps in a row with a skipped non-finite update")
     return parser
@@ -1459,12 +1627,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
         parser.error(f"--epsilon_high {args.epsilon_high} is below --epsilon {args.epsilon}: clip-higher widens "
                      "the range above 1 (DAPO: --epsilon 0.2 --epsilon_high 0.28)")
+    if args.resume_from and args.overwrite_output_dir:
+        parser.error("--resume_from carries a run on and --overwrite_output_dir starts it again: choose one")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse, run, and turn expected failures into one line and an exit code: 1 for bad input or a
-    non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for an interrupted one."""
+    non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for an interrupted one. Every message
+    after a stop names the command that carries on (or starts again)."""
     args = parse_args(argv)
     stop = StopRequest()
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -1474,13 +1645,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"error: {e}")
     except TrainingStopped as e:
         where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "nothing new to save"
-        resume = "to carry on, run the same command with --resume_from latest"
         if e.signum is None:  # non-finite updates
-            sys.exit(f"error: {e}; {where}; {resume} once the cause is fixed")
-        print(f"{e}; {where}; {resume}", file=sys.stderr)
+            sys.exit(f"error: {e}; {where}; {what_to_run_next(args.output_dir)} once the cause is fixed")
+        print(f"{e}; {where}; {what_to_run_next(args.output_dir)}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # a second Ctrl-C: the user wants out now
-        print("interrupted; quit without saving", file=sys.stderr)
+    except Interrupted as e:  # during loading or evaluation
+        print(f"{e}; {what_to_run_next(args.output_dir)}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C during training: the user wants out now
+        print(f"interrupted; quit without saving; {what_to_run_next(args.output_dir)}", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     finally:
         for signum, handler in previous.items():
@@ -1488,70 +1661,86 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
-    """Everything main() does after parsing: load, evaluate, train (or resume), evaluate, save."""
+    """Everything main() does after parsing: load, evaluate, train (or resume), save, evaluate."""
+    stop = stop or StopRequest()
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # also seeds every CUDA device
     device = resolve_device(args.device)
+    transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
 
+    # Data, model and output folder. A signal here stops at once; an error leaves nothing behind.
     train_examples = load_gsm8k(args.dataset, "train")
     eval_examples = []
     if args.eval_size:
-        if args.eval_dataset is None and args.dataset.endswith((".json", ".jsonl")):
+        if args.eval_dataset is None and looks_local(args.dataset):
             raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
         eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
     resume_from = checkpoint_to_resume(args)
     # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
     policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
-    if args.overwrite_output_dir and not resume_from:
-        clear_previous_run(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that fails to start leaves nothing behind
+    resume = load_training_state(resume_from, device) if resume_from else None
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that fails to start leaves nothing behind
+        if not resume_from:
+            clear_previous_run(args.output_dir)
+        record_args(args.output_dir, args, resume)
+    except OSError as e:
+        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
     if args.gradient_checkpointing:
         # Recompute activations during backward; transformers applies it only in train mode, and the
         # loop switches to eval mode for generation, so rollouts keep their full speed.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    eval_path = os.path.join(args.output_dir, "eval.json")
-    with open(os.path.join(args.output_dir, "args.json"), "w", encoding="utf-8") as f:
-        json.dump(vars(args), f, indent=2)
     amp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     print(f"device {device} ({n_gpus} GPU(s) via DataParallel)" if n_gpus else "device cpu (float32)")
     print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
-          f"model {args.model_name} ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters)")
+          f"model {args.model_name} ({format_count(sum(p.numel() for p in policy.parameters()))} parameters)")
+    total_steps = args.num_iterations * args.num_steps
+    if resume and resume["step"] >= total_steps:
+        print(f"this run is finished ({resume['step']}/{total_steps} steps); to train it further, run the same "
+              "command with a larger --num_steps (steps count from the start of the run)")
 
+    # The "before" evaluation (kept from the first start when the run is resumed).
+    eval_path = os.path.join(args.output_dir, "eval.json")
     evaluation = {}
+    if resume and os.path.exists(eval_path):
+        with open(eval_path, encoding="utf-8") as f:
+            evaluation = json.load(f)
     eval_kwargs = dict(max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size,
                        device=device, autocast_dtype=amp_dtype)
-    if eval_examples and resume_from and os.path.exists(eval_path):
-        with open(eval_path, encoding="utf-8") as f:
-            evaluation = json.load(f)  # the "before" score of the run being resumed
-    elif eval_examples and not resume_from:
+    stop.where = f"before step {resume['step'] + 1 if resume else 1}"
+    if eval_examples and "before" not in evaluation and not resume:
         evaluation["before"] = evaluate_model(policy, tokenizer, eval_examples, label="eval before", **eval_kwargs)
         with open(eval_path, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
-    resume = load_training_state(resume_from, device) if resume_from else None
-    if stop is not None and stop.is_set():  # a signal before the first step (e.g. during evaluation)
-        first_step = resume["step"] + 1 if resume else 1
-        raise TrainingStopped(f"stopped by {signal.Signals(stop.signum).name} before step {first_step}",
-                              None, stop.signum)
 
+    # Training, then the final model. A signal now lets the step finish and save (see StopRequest).
     control = RunControl(
         output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
         log_completions_steps=args.log_completions_steps, stop=stop, resume=resume)
     del resume  # RunControl lets go of it once used: the optimizer state and reference weights are large
-    history = train_with_grpo(
-        policy, tokenizer, train_examples,
-        num_iterations=args.num_iterations, num_steps=args.num_steps, batch_size=args.batch_size,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length, mu=args.mu,
-        beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
-        bf16=args.bf16, seed=args.seed, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
-        epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
-        mask_truncated_completions=args.mask_truncated_completions, run=control,
-    )
+    with stop.deferred():
+        history = train_with_grpo(
+            policy, tokenizer, train_examples,
+            num_iterations=args.num_iterations, num_steps=args.num_steps, batch_size=args.batch_size,
+            num_generations=args.num_generations, max_completion_length=args.max_completion_length, mu=args.mu,
+            beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
+            bf16=args.bf16, seed=args.seed, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
+            epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
+            mask_truncated_completions=args.mask_truncated_completions, run=control,
+        )
+        if history or not finished_model_in(args.output_dir):
+            policy.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
+            print(f"saved the trained model and tokenizer to {args.output_dir}")
+    stop.where = "during the evaluation after training (the trained model is saved)"
+    if stop.is_set():  # a signal while the final model was being saved
+        raise Interrupted(stop.signum, stop.where)
 
-    if eval_examples:
+    # The "after" evaluation: a signal stops it at once; the model is saved already.
+    if eval_examples and (history or "after" not in evaluation):
         evaluation["after"] = evaluate_model(policy, tokenizer, eval_examples, label="eval after", **eval_kwargs)
         with open(eval_path, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
@@ -1559,9 +1748,6 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
             print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
                 evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],
                 evaluation["before"]["lenient_accuracy"], evaluation["after"]["lenient_accuracy"]))
-    policy.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved the trained model, tokenizer and metrics to {args.output_dir}")
     return history
 
 
