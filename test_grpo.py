@@ -212,6 +212,36 @@ def _signal_on_call(monkeypatch, function_name, call_number, signum):
     monkeypatch.setattr(grpo, function_name, wrapper)
 
 
+def _interrupt(flags, *cues, timeout=120):
+    """Run grpo.py with flags in a subprocess; for each cue (marker, signal), wait until the marker
+    appears in its output, then send the signal. Returns (exit code, stdout, stderr, seconds from the
+    first signal to the exit)."""
+    import time
+
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    output, start = b"", None
+    try:
+        for marker, signum in cues:
+            while marker.encode() not in output:  # read as it comes: progress lines end in \r, not \n
+                chunk = os.read(process.stdout.fileno(), 4096)
+                assert chunk, f"exited before {marker!r}: {output.decode()} {process.stderr.read().decode()}"
+                output += chunk
+            start = start or time.perf_counter()
+            process.send_signal(signum)
+        rest, stderr = process.communicate(timeout=timeout)
+        return process.returncode, (output + rest).decode(), stderr.decode(), time.perf_counter() - start
+    finally:
+        process.kill()
+
+
+def _advised(flags, stderr):
+    """The command the last line of stderr advises: the same flags, plus --resume_from latest if it says so."""
+    advice = stderr.strip().splitlines()[-1]
+    assert "run the same command" in advice, advice
+    return flags + (["--resume_from", "latest"] if "--resume_from latest" in advice else [])
+
+
 def _nan_advantages_on_steps(monkeypatch, bad_steps):
     original, calls = grpo.compute_group_advantages, []
 
@@ -955,6 +985,33 @@ def test_masked_truncated_completions_get_no_loss(tiny, tiny_dir, monkeypatch):
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
+def test_eta_comes_from_the_recent_steps_not_the_slow_first_one():
+    assert grpo.remaining_seconds([60.0, 1.0, 1.2, 0.8, 1.0], 100) == pytest.approx(100.0)  # not 1280
+    assert grpo.remaining_seconds([2.0] * 20 + [1.0] * 5, 10) == pytest.approx(10.0)
+
+
+def test_the_step_lines_fit_a_120_column_terminal():
+    worst = dict(step=500, reward=2.8, correctness_reward=2.0, format_reward=0.8, reward_std=1.234, kl=12.3456,
+                 clip_ratio=1.0, completion_length=4000, step_seconds=12345.6, loss=-12.3456, grad_norm=123.456,
+                 clip_ratio_low=1.0, clip_ratio_high=1.0, frac_reward_zero_std=1.0, truncated_ratio=1.0,
+                 rollout_seconds=9999.9, update_seconds=2345.6)
+    assert len(grpo.step_line(worst, 500, 99 * 3600 + 3599)) <= 120
+    assert len(grpo.details_line(worst)) <= 120
+
+
+def test_the_summary_draws_the_run_as_sparklines(monkeypatch, capsys):
+    assert grpo.sparkline([0.0, 1.0, 2.0, 3.0]) == "▁▃▅█"
+    assert len(grpo.sparkline([float(i) for i in range(500)], width=40)) == 40
+    monkeypatch.setattr(sys, "stdout", type("AsciiOut", (), {"encoding": "ascii"})())
+    assert grpo.sparkline([0.0, 3.0]) == "_#"  # a terminal without Unicode
+    monkeypatch.undo()
+    record = dict(reward=1.0, correctness_reward=0.5, format_reward=0.5, kl=0.01, step_seconds=2.0,
+                  rollout_seconds=1.0, update_seconds=0.5, generation_tokens_per_second=10.0, train_tokens_per_second=5.0)
+    grpo.print_run_summary([record], torch.device("cpu"))
+    printed = capsys.readouterr().out
+    assert "summary: 1 step," in printed and "correct" in printed
+
+
 def test_format_reward_rises_on_the_tiny_model(tiny, tiny_dir):
     """A toy run: with a large learning rate the random model learns to emit the format tags."""
     model, tokenizer = tiny
@@ -1034,6 +1091,51 @@ def test_bad_flag_values_exit_2_with_a_message(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_help_ends_with_example_commands(capsys):
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--help"])
+    examples = capsys.readouterr().out.split("examples:")[1]
+    assert "--device cpu" in examples and "CUDA_VISIBLE_DEVICES=0 python grpo.py" in examples
+    assert examples.count("python grpo.py") >= 3
+
+
+def test_parameter_counts_are_readable():
+    assert [grpo.format_count(n) for n in (999, 29_504, 494_032_768, 1_543_714_304)] == ["999", "29.5K", "494M", "1.54B"]
+
+
+@pytest.mark.parametrize("name, local", [
+    ("openai/gsm8k", False), ("Qwen/Qwen2.5-1.5B-Instruct", False), ("./data", True), ("/abs/x", True),
+    ("~/models/q", True), ("train.jsonl", True), ("a/b/c", True), ("gsm8k", True),
+])
+def test_local_looking_names_are_never_sent_to_the_hub(name, local):
+    assert grpo.looks_local(name) == local
+
+
+def test_a_path_under_an_existing_folder_is_local_even_with_one_slash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not grpo.looks_local("data/train")
+    (tmp_path / "data").mkdir()
+    assert grpo.looks_local("data/train")
+    with pytest.raises(grpo.DataError, match="data file not found: data/train"):
+        grpo.load_gsm8k("data/train")
+
+
+def test_an_unreachable_hub_is_detected_once_and_the_cache_used(monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(grpo.socket, "create_connection", no_network)
+    grpo.use_hub_cache_only_if_offline()
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "cannot be reached: using only the local hub cache" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_missing_model_directory_is_a_clear_error(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(2))
@@ -1070,6 +1172,45 @@ def test_bad_data_files_are_clear_errors(tiny_dir, tmp_path, content, message):
     assert message in _main_error(["--model_name", tiny_dir, "--dataset", str(path), "--eval_size", "0"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case, message", [
+    ("output_dir_is_a_file", "is a file, not a folder"),
+    ("not_utf8", "is not UTF-8 text"),
+    ("dataset_is_a_folder", "must be a .json or .jsonl file"),
+    ("resume_and_overwrite", "choose one"),
+    ("unwritable_output_dir", "cannot write to --output_dir"),
+])
+def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tiny_dir, tmp_path, case, message,
+                                                                             monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    out = tmp_path / "out"
+    flags = _run_flags(tiny_dir, data, out, "--num_steps", "1")
+    if case == "output_dir_is_a_file":
+        out.write_text("not a folder")
+    elif case == "not_utf8":
+        (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\xe9", "answer": "#### 1"}\n'.encode("latin-1"))
+        flags = _run_flags(tiny_dir, str(tmp_path / "latin1.jsonl"), out)
+    elif case == "dataset_is_a_folder":
+        flags = _run_flags(tiny_dir, str(tmp_path), out)
+    elif case == "resume_and_overwrite":
+        flags += ["--resume_from", "latest", "--overwrite_output_dir"]
+    elif case == "unwritable_output_dir":
+        monkeypatch.setattr(grpo, "record_args", lambda *args: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    if case == "resume_and_overwrite":
+        with pytest.raises(SystemExit) as exit_info:
+            grpo.main(flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    else:
+        assert message in _main_error(flags)
+    assert case in ("output_dir_is_a_file", "unwritable_output_dir") or not out.exists()
+
+
+def test_a_data_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text(json.dumps({"question": "How many?", "answer": "#### 3"}) + "\n", encoding="utf-8-sig")
+    assert grpo.load_gsm8k(str(path)) == [{"question": "How many?", "answer": "3"}]
+
+
 def test_rows_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
     rows = arithmetic_rows(3) + [{"question": "q", "answer": "no delimiter"}]
     examples = grpo.load_gsm8k(write_jsonl(tmp_path / "d.jsonl", rows))
@@ -1087,6 +1228,7 @@ def test_json_list_files_and_thousands_commas_load(tmp_path):
 def test_unreachable_hub_dataset_is_a_clear_error(tiny_dir):
     message = _main_error(["--model_name", tiny_dir, "--dataset", "no-such-user/no-such-data", "--eval_size", "0"])
     assert "could not load data set" in message
+    assert "--dataset FILE.jsonl" in message and "HF_HUB_OFFLINE=1" in message  # what to do about it
 
 
 @pytest.mark.slow
@@ -1198,6 +1340,32 @@ def test_an_output_dir_holding_a_run_is_not_overwritten(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_folder_without_a_checkpoint_or_model_is_started_again(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")  # what an attempt stopped before its first checkpoint leaves
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 9.0}) + "\n")
+    grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "2"))
+    assert [m["step"] for m in _metrics(out)] == [1, 2] and _metrics(out)[0]["reward"] != 9.0
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_extending_it_is_recorded(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "2"))
+    assert grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "2", "--resume_from", "latest")) == []
+    printed = capsys.readouterr().out
+    assert "this run is finished (2/2 steps)" in printed and "larger --num_steps" in printed
+    history = grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "3", "--resume_from", "latest"))
+    assert [r["step"] for r in history] == [3] and [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    args = json.loads((out / "args.json").read_text())
+    assert args["num_steps"] == 2  # the original run's flags
+    assert [(r["step"], r["changed"]) for r in args["resumes"]] == [(2, {}), (2, {"num_steps": [2, 3]})]
+
+
+@pytest.mark.slow
 def test_resume_from_latest_needs_a_checkpoint(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
     assert "no checkpoint" in _main_error(_run_flags(tiny_dir, data, tmp_path / "empty", "--resume_from", "latest"))
@@ -1234,6 +1402,43 @@ def test_a_signal_before_training_starts_stops_without_a_step(tiny_dir, tmp_path
     assert exit_info.value.code == 143
     assert "before step 1" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not grpo.list_checkpoints(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["before_training", "final_evaluation"])
+def test_a_signal_during_evaluation_stops_it_at_once_and_the_advice_works(tiny_dir, tmp_path, moment):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(300))
+    out = tmp_path / "run"
+    flags = _run_flags(tiny_dir, data, out, "--num_steps", "1", "--eval_dataset", held_out, "--eval_size", "300",
+                       "--eval_batch_size", "1")
+    marker = "eval before:" if moment == "before_training" else "eval after:"
+    code, stdout, stderr, seconds = _interrupt(flags, (marker, signal.SIGINT))
+    assert code == 130, stderr
+    finished_evaluations = 0 if moment == "before_training" else 1
+    assert stdout.count("300/300") == finished_evaluations and seconds < 10  # at once, not after 300 questions
+    if moment == "before_training":
+        assert "before step 1" in stderr and not grpo.list_checkpoints(out)
+    else:
+        assert "the trained model is saved" in stderr and grpo.finished_model_in(str(out))
+    grpo.main(_advised(flags, stderr))  # the command it printed works
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation) == {"before", "after"} and evaluation["after"]["num_examples"] == 300
+
+
+@pytest.mark.slow
+def test_a_second_signal_quits_at_once_and_the_advice_works(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    out = tmp_path / "run"
+    settings = ["--batch_size", "4", "--num_generations", "16", "--max_completion_length", "48", "--save_steps", "2"]
+    flags = _run_flags(tiny_dir, data, out, "--num_steps", "100000", *settings)
+    # The first Ctrl-C as step 4 begins, the second as soon as grpo.py says it will finish that step.
+    code, _, stderr, _ = _interrupt(flags, ("step 3/", signal.SIGINT), ("finishing this step", signal.SIGINT))
+    assert code == 130 and "quit without saving" in stderr, stderr
+    assert [os.path.basename(p) for p in grpo.list_checkpoints(out)] == ["checkpoint-2"]
+    assert _advised(flags, stderr) == flags + ["--resume_from", "latest"]
+    grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "4", *settings, "--resume_from", "latest"))  # 4, not 100000
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
