@@ -1393,9 +1393,23 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def avoid_attention_kernels_that_nan_on_padding() -> None:
+    """Switch off cuDNN's attention kernel for this process (SDPA keeps flash, memory-efficient, math).
+
+    Left-padded prompts make attention rows that attend to nothing (a pad position sees only pads),
+    and transformers hands them to scaled_dot_product_attention as they are. On H100/H200 with
+    torch >= 2.9, SDPA prefers cuDNN's kernel when a mask is given, and that kernel has returned NaN
+    for such rows (unsloth PR #9848) and NaN gradients when the length is 64 mod 128 with any mask
+    (pytorch #196678, TRL #7181). The remaining kernels give 0 for an empty row. The switch is global,
+    so it covers DataParallel's replica threads and the backward pass; it costs cuDNN's extra speed.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_model_and_tokenizer(name: str, device: torch.device):
     """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
-    its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
+    its tokenizer, checked for what GRPO needs: a chat template and a pad token. Attention runs in
+    PyTorch's SDPA kernels, without cuDNN's (see avoid_attention_kernels_that_nan_on_padding)."""
     path = os.path.expanduser(name)
     if looks_local(name) and not os.path.isdir(path):
         raise DataError(f"model directory not found: {name}")
@@ -1413,6 +1427,7 @@ def load_model_and_tokenizer(name: str, device: torch.device):
         raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    avoid_attention_kernels_that_nan_on_padding()
     return model.to(device), tokenizer
 
 

@@ -825,6 +825,33 @@ def test_a_nan_score_row_fails_loudly_instead_of_drawing_a_token(tiny):
                                   torch.device("cpu"))
 
 
+def test_loading_a_model_switches_off_the_attention_kernel_that_nans_on_padded_rows(tiny_dir):
+    import threading
+
+    torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default
+    grpo.load_model_and_tokenizer(tiny_dir, torch.device("cpu"))
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.math_sdp_enabled()
+    seen = []  # a process-wide switch: DataParallel's replica threads see it too
+    thread = threading.Thread(target=lambda: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+
+def test_left_padded_rows_attend_to_nothing_without_a_nan_on_cpu(tiny):
+    # What the GPU fix guards against, on the CPU's kernels: fully masked rows give finite outputs here.
+    model, tokenizer = tiny
+    input_ids = torch.cat([torch.full((1, 3), tokenizer.pad_token_id), prompt_ids_for(tokenizer)], dim=1)
+    attention_mask = (input_ids != tokenizer.pad_token_id).long()
+    attention_mask[0, 3:] = 1
+    log_probs = grpo.compute_log_probs(model, input_ids, attention_mask, 4)
+    log_probs.sum().backward()
+    assert torch.isfinite(log_probs).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_evaluate_model_scores_strict_and_lenient(tiny, monkeypatch):
     model, tokenizer = tiny
     texts = ["<reasoning>r</reasoning><answer>7</answer>", "so the answer is 5", "<answer>4</answer>, I mean 3"]
