@@ -497,19 +497,24 @@ def grpo_loss(
 
 
 # ================================================================================================
-# Engineering B: exact sampling and DataParallel
+# Engineering B: exact sampling, DataParallel, and several processes (torchrun)
 # (skip on first reading; the tutorial continues at section 6)
 # ================================================================================================
-# nn.DataParallel splits a module's tensor inputs along dim 0 across the visible GPUs, runs a replica
-# of the module on each share in parallel threads, and concatenates the outputs on GPU 0. To make
-# that pay, the wrapped modules below return small results: per-token log-probs (N, T) rather than
-# logits (N, T, V), and token ids padded to one fixed width. On a machine without GPUs DataParallel
-# calls the module directly, so the tests run this same code path on CPU. Every line that knows about
-# DataParallel is in this section.
+# Two ways to use several GPUs, and every line that knows about either is in this section.
+# `python grpo.py`: one process; nn.DataParallel splits a module's tensor inputs along dim 0 across the
+# visible GPUs, runs a replica of the module on each share in parallel threads, and concatenates the
+# outputs on GPU 0. To make that pay, the wrapped modules below return small results: per-token
+# log-probs (N, T) rather than logits (N, T, V), and token ids padded to one fixed width. On a machine
+# without GPUs DataParallel calls the module directly, so the tests run this same code path on CPU.
+# `torchrun ... grpo.py`: one process per GPU (or per CPU worker with gloo), on one machine or many;
+# see Workers below.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
-    """module wrapped in nn.DataParallel over every visible GPU when device is CUDA; unchanged on CPU."""
+    """module wrapped in nn.DataParallel over every visible GPU when device is CUDA; unchanged on CPU
+    and under torchrun (where each process drives one GPU)."""
+    if torch.distributed.is_initialized():
+        return module
     # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move the
     # work to the GPUs, so then the module is left unwrapped.
     return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
@@ -521,8 +526,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def num_data_parallel_devices(device: torch.device) -> int:
-    """How many GPUs DataParallel splits a batch over (1 on CPU)."""
-    return max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+    """How many GPUs DataParallel splits a batch over (1 on CPU and under torchrun)."""
+    if torch.distributed.is_initialized() or device.type != "cuda":
+        return 1
+    return max(torch.cuda.device_count(), 1)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -639,6 +646,123 @@ class GenerateModule(nn.Module):
         return torch.nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new)
 
 
+# --- Several processes: torchrun and DistributedDataParallel ------------------------------------
+# Under torchrun each process holds a whole policy, reference model and optimizer, and takes
+# batch_size / world_size of each step's prompts (whole groups). Its completions are exactly those a
+# single process would sample for the same prompts: every process draws the whole step's random
+# numbers and keeps its rows. The update's forward passes run through DistributedDataParallel, which
+# averages the gradients over the processes once per update, so the update equals the single-process
+# one. Metrics are averaged over all processes; process 0 alone prints and writes files.
+
+
+@dataclass
+class Workers:
+    """This process's place among the processes of a run (rank 0 of 1 without torchrun), and the few
+    collective operations the run needs. Every method is the identity for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def own(self, num_rows: int) -> slice:
+        """This process's rows of a whole-step tensor whose processes each hold num_rows rows."""
+        return slice(self.rank * num_rows, (self.rank + 1) * num_rows)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's tensor (same shape on each), concatenated along dim 0 in rank order."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor, device=self.device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.to(self.device))
+        return torch.cat(parts).to(tensor.device)
+
+    def mean(self, values: dict) -> dict:
+        """Each value (a number or a 0-d tensor) averaged over the processes."""
+        if self.world_size == 1:
+            return values
+        stacked = torch.tensor([float(v) for v in values.values()], device=self.device)
+        torch.distributed.all_reduce(stacked)
+        return dict(zip(values, (stacked / self.world_size).tolist()))
+
+    def maximum(self, value: int) -> int:
+        """The largest of the processes' values (e.g. a signal number: all stop if one was signalled)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def check(self, error: str | None) -> None:
+        """Raise DataError on every process if any process met one: no process is left waiting in a
+        collective for one that has exited. The first failing process's message is the one raised."""
+        errors = [error]
+        if self.world_size > 1:
+            errors = [None] * self.world_size
+            torch.distributed.all_gather_object(errors, error)
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            error = DataError(message if self.world_size == 1 or rank == 0 else f"[process {rank}] {message}")
+            error.shared = True  # every process raises it; main() lets process 0 print it
+            raise error
+
+    def barrier(self) -> None:
+        """Wait until every process gets here (e.g. while process 0 writes a checkpoint)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def rollout_uniforms(num_sequences: int, max_new_tokens: int, workers: Workers | None = None) -> torch.Tensor:
+    """The random numbers InverseCDFSampler turns into tokens: (num_sequences, max_new_tokens), drawn
+    from the seeded CPU generator whatever the device. Under torchrun every process draws those of the
+    whole step and keeps its own rows, so its completions are those of a single-process run."""
+    workers = workers or Workers()
+    return torch.rand(num_sequences * workers.world_size, max_new_tokens)[workers.own(num_sequences)]  # (n, T)
+
+
+def start_workers(device: torch.device) -> tuple[Workers, torch.device]:
+    """Join torchrun's process group when torchrun started this process (it sets WORLD_SIZE, RANK and
+    LOCAL_RANK): NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU. Without torchrun:
+    a single worker. Returns the workers and the device this process computes on."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Workers(device=device), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Workers(torch.distributed.get_rank(), world_size, device), device
+
+
+def evaluate_on_every_process(model: nn.Module, tokenizer, examples: list[dict], workers: Workers,
+                              **kwargs) -> dict:
+    """evaluate_model on this process's share of the examples (every world_size-th one), the counts
+    summed over the processes: the same accuracies as one process scoring them all."""
+    result = evaluate_model(model, tokenizer, examples[workers.rank::workers.world_size], **kwargs)
+    if workers.world_size == 1:
+        return result
+    n = result["num_examples"]
+    means = workers.mean({"strict": result["strict_accuracy"] * n, "lenient": result["lenient_accuracy"] * n, "n": n})
+    total = means["n"] * workers.world_size
+    return {**result, "strict_accuracy": means["strict"] * workers.world_size / total,
+            "lenient_accuracy": means["lenient"] * workers.world_size / total, "num_examples": round(total)}
+
+
+def distributed_data_parallel(policy: nn.Module, device: torch.device) -> nn.Module:
+    """The policy wrapped in DistributedDataParallel under torchrun (unchanged otherwise): its forward
+    passes register the hooks that average the gradients over the processes during backward.
+    gradient_as_bucket_view: the gradients live in DDP's communication buckets, not in a second copy."""
+    if not torch.distributed.is_initialized():
+        return policy
+    return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)
+
+
 # ================================================================================================
 # 6. Rollouts: sampling G completions per prompt
 # ================================================================================================
@@ -654,13 +778,13 @@ def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
 
 
 def generate_completions(generator: torch.nn.Module, tokenizer, prompts: list[str], num_generations: int,
-                         eos_token_ids: list[int], device: torch.device):
+                         eos_token_ids: list[int], device: torch.device, workers=None):
     """Sample num_generations completions for each prompt in one batched generate call.
 
     generator is a GenerateModule (wrapped in DataParallel on GPUs; engineering section B), which runs
     the policy's generate() with the KV cache. Each prompt is repeated G times back to back, so the G
     completions of a prompt are consecutive, as compute_group_advantages expects. Prompts are
-    left-padded so that every completion starts at the same column P.
+    left-padded so that every completion starts at the same column P. (workers: see section B.)
     Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
     the longest completion.
     """
@@ -670,7 +794,7 @@ def generate_completions(generator: torch.nn.Module, tokenizer, prompts: list[st
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
     uniforms = None
     if settings.temperature is not None:  # all the rollout's randomness, drawn here from the seeded RNG
-        uniforms = torch.rand(prompt_ids.size(0), settings.max_new_tokens, device=device)  # (N, max_new_tokens)
+        uniforms = rollout_uniforms(prompt_ids.size(0), settings.max_new_tokens, workers).to(device)  # (N, max_new)
     with torch.no_grad():
         sequences = generator(prompt_ids, prompt_mask, uniforms)  # (N, P + max_new_tokens)
     completion_ids = sequences[:, prompt_ids.size(1):]  # (N, max_new_tokens)
@@ -720,7 +844,8 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
         print(f"\r{label}: {progress_bar(done, len(examples))} {done}/{len(examples)}  strict {strict / done:.1%}"
               f"  lenient {lenient / done:.1%}", end="" if done < len(examples) else "\n", flush=True)
     model.train(was_training)
-    return {"strict_accuracy": strict / len(examples), "lenient_accuracy": lenient / len(examples),
+    n = max(len(examples), 1)
+    return {"strict_accuracy": strict / n, "lenient_accuracy": lenient / n,
             "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
 
 
@@ -756,15 +881,21 @@ def peak_memory_mib(device: torch.device) -> float:
 def step_record(step: int, iteration: int, rewards: torch.Tensor, correctness: torch.Tensor,
                 formatting: torch.Tensor, truncated: torch.Tensor, num_generations: int, update_means: dict,
                 skipped: int, completion_mask: torch.Tensor, attention_mask: torch.Tensor, mu: int,
-                seconds: dict) -> dict:
+                seconds: dict, workers: Workers | None = None) -> dict:
     """The metrics of one training step, as written to metrics.jsonl (the README's table explains each).
 
     rewards, correctness, formatting: (N,); truncated: (N,) bool, completions cut at the length limit;
     update_means: loss, kl, clip ratios, grad_norm averaged over the mu updates; completion_mask (N, T)
     and attention_mask (N, P + T) count tokens; seconds: the step's rollout, update and total wall time.
+    Under torchrun the per-completion values of every process are gathered (a few numbers each), so
+    the record is the whole step's; the times are this process's.
     """
-    lengths = completion_mask.sum(dim=1).float()  # (N,)
-    grouped = rewards.view(-1, num_generations)  # (B, G)
+    workers = workers or Workers()
+    per_completion = torch.stack([rewards, correctness, formatting, truncated.float(),
+                                  completion_mask.sum(dim=1).float().cpu(),
+                                  attention_mask.sum(dim=1).float().cpu()], dim=1)  # (N, 6)
+    rewards, correctness, formatting, truncated, lengths, sequence_lengths = workers.gather(per_completion).T
+    grouped = rewards.reshape(-1, num_generations)  # (B, G)
     return {
         "step": step,
         "iteration": iteration,
@@ -776,13 +907,13 @@ def step_record(step: int, iteration: int, rewards: torch.Tensor, correctness: t
         **{name: float(value) for name, value in update_means.items()},
         "skipped_updates": skipped,
         "completion_length": lengths.mean().item(),
-        "truncated_ratio": truncated.float().mean().item(),
+        "truncated_ratio": truncated.mean().item(),
         "step_seconds": seconds["step"],
         "rollout_seconds": seconds["rollout"],
         "update_seconds": seconds["update"],
         "tokens_per_second": lengths.sum().item() / seconds["step"],
         "generation_tokens_per_second": lengths.sum().item() / seconds["rollout"],
-        "train_tokens_per_second": mu * attention_mask.sum().item() / seconds["update"],
+        "train_tokens_per_second": mu * sequence_lengths.sum().item() / seconds["update"],
     }
 
 
@@ -884,8 +1015,10 @@ class StopRequest:
     there is worth finishing, and evaluation can be run again.
     """
 
-    def __init__(self):
-        self.signum, self.deferring = None, False
+    def __init__(self, repeat_quits: bool = True):
+        # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
+        # it kills its workers itself if they have not stopped after its shutdown timeout (30 s).
+        self.signum, self.deferring, self.repeat_quits = None, False, repeat_quits
         self.where = "while loading"  # what the run is doing, for the message (run() keeps it up to date)
 
     def is_set(self) -> bool:
@@ -900,9 +1033,9 @@ class StopRequest:
         finally:
             self.deferring = False
 
-    def __call__(self, signum, frame) -> None:
+    def __call__(self, signum: int, frame) -> None:
         if self.is_set():
-            if self.deferring:
+            if self.deferring and self.repeat_quits:
                 raise KeyboardInterrupt
             return  # the run is already on its way out
         self.signum = signum
@@ -912,10 +1045,11 @@ class StopRequest:
               "(send it again to quit at once, without saving)", flush=True)
 
 
-def is_finite_update(grad_norm: torch.Tensor, loss: torch.Tensor) -> bool:
+def is_finite_update(grad_norm: torch.Tensor, loss: torch.Tensor | float) -> bool:
     """False when the loss or the gradient norm is NaN or inf: that update must be skipped, since one
-    optimizer step with it would poison the weights and the AdamW moments for good (one host sync)."""
-    return bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+    optimizer step with it would poison the weights and the AdamW moments for good (one host sync).
+    Under torchrun both are the same on every process (averaged), so all skip or none does."""
+    return bool(torch.isfinite(grad_norm).all()) and math.isfinite(float(loss))
 
 
 @dataclass
@@ -938,6 +1072,7 @@ class RunControl:
     log_completions_steps: int = 0
     resume: dict | None = None
     stop: StopRequest | None = None
+    workers: Workers = field(default_factory=Workers)  # under torchrun: all processes stop and save together
     bad_steps: int = 0  # steps in a row with a skipped update
     step_seconds: list = field(default_factory=list)  # of the steps this process ran, for the ETA
 
@@ -950,7 +1085,7 @@ class RunControl:
         optimizer.load_state_dict(state.pop("optimizer"))
         restore_rng(state["rng"])
         self.bad_steps = state["bad_steps"]
-        if self.metrics_path:
+        if self.metrics_path and self.workers.is_main:
             keep_metrics_up_to(self.metrics_path, state["step"])
         reference = None
         if beta != 0.0:  # the reference of the iteration being resumed (the loop replaces it when one starts)
@@ -966,7 +1101,7 @@ class RunControl:
         """Print the step's line (every log_completions_steps steps also a line of details and a sample
         completion) and append the record to metrics.jsonl."""
         self.step_seconds.append(record["step_seconds"])
-        if self.metrics_path:
+        if self.metrics_path and self.workers.is_main:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 # json has no NaN: a skipped update's loss is written as null
                 f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
@@ -988,13 +1123,17 @@ class RunControl:
         (a signal, or max_bad_steps steps in a row with a skipped update); then raise TrainingStopped
         if it must."""
         self.bad_steps = self.bad_steps + 1 if skipped else 0
-        signum = self.stop.signum if self.stop is not None else None
+        # Under torchrun a signal may reach the processes at different moments: all stop if one got it.
+        signum = self.workers.maximum(self.stop.signum or 0 if self.stop is not None else 0) or None
         must_stop = self.bad_steps >= self.max_bad_steps or signum is not None
         due = (self.save_steps and step % self.save_steps == 0) or step == total_steps
         path = None
         if self.output_dir and (must_stop or due):
-            path = save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
-                                   {"bad_steps": self.bad_steps}, self.save_total_limit)
+            path = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{step}")
+            if self.workers.is_main:  # one writer; the others wait for it
+                save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
+                                {"bad_steps": self.bad_steps}, self.save_total_limit)
+            self.workers.barrier()
         if self.bad_steps >= self.max_bad_steps:
             raise TrainingStopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the "
                                   "last good weights are kept); lower --learning_rate or check the data", path)
@@ -1108,7 +1247,7 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
                               completion_mask: torch.Tensor, advantages: torch.Tensor,
                               old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
                               micro_batch_size: int, beta: float, epsilon: float, batch_tokens: float | None = None,
-                              **variant) -> tuple[torch.Tensor, dict]:
+                              no_sync=None, **variant) -> tuple[torch.Tensor, dict]:
     """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
 
     The loss is an average over the batch, so each micro-batch's own loss is weighted by its share of
@@ -1125,6 +1264,8 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     log-probs: (N, T); advantages: (N, 1); variant: grpo_loss's epsilon_high, loss_type,
     importance_sampling_level, max_completion_length. batch_tokens: the token count "dapo" divides by
     (default: completion_mask.sum(); under torchrun the count over all processes / their number).
+    no_sync: under torchrun, DistributedDataParallel's no_sync, so that the gradients are averaged over
+    the processes once per update (with the last micro-batch) rather than after every micro-batch.
     Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached;
     the metrics are means over sequences whatever the loss type).
     Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, micro_batches.
@@ -1135,17 +1276,20 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
     for c in micro_batches(num_sequences, micro_batch_size):
-        log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
-        log_probs_seen[c] = log_probs.detach()
-        old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
-        loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
-                                  advantages[c], completion_mask[c], beta, epsilon, **variant)
-        share = (c.stop - c.start) / num_sequences  # of the sequences
-        if variant.get("loss_type", "grpo") == "dapo":  # of the tokens
-            weight = completion_mask[c].sum() / max(batch_tokens, 1.0)
-        else:
-            weight = share
-        (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
+        last = c.stop == num_sequences
+        # (torch.enable_grad() is a no-op here: the context to use when gradients are averaged now.)
+        with no_sync() if no_sync is not None and not last else torch.enable_grad():
+            log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
+            log_probs_seen[c] = log_probs.detach()
+            old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
+            loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
+                                      advantages[c], completion_mask[c], beta, epsilon, **variant)
+            share = (c.stop - c.start) / num_sequences  # of the sequences
+            if variant.get("loss_type", "grpo") == "dapo":  # of the tokens
+                weight = completion_mask[c].sum() / max(batch_tokens, 1.0)
+            else:
+                weight = share
+            (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
         totals["loss"] += loss.detach() * weight
         for name, value in metrics.items():
             totals[name] += value * share
@@ -1193,15 +1337,19 @@ def train_with_grpo(
     stop; without it, nothing is written.
     """
     run = run or RunControl()
+    workers = run.workers  # this process among the processes of a torchrun run (section B); one without
     device = next(policy.parameters()).device
     amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
     eos_ids = end_of_sequence_ids(policy, tokenizer)
-    # The policy behind two wrappers that split their work over the GPUs (section B): one samples, one scores.
+    # The policy behind the wrappers that spread its work over the GPUs (section B): one samples, one scores.
     generator = data_parallel(GenerateModule(policy, max_completion_length, eos_ids, tokenizer.pad_token_id,
                                              temperature, amp_dtype), device)
-    policy_log_probs = data_parallel(LogProbModule(policy, temperature, amp_dtype), device)
+    trained = distributed_data_parallel(policy, device)  # the policy itself without torchrun
+    policy_log_probs = data_parallel(LogProbModule(trained, temperature, amp_dtype), device)
+    no_sync = trained.no_sync if trained is not policy else None
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
     chunk = micro_batch_size * num_data_parallel_devices(device)  # DataParallel gives each GPU micro_batch_size
+    prompts_here = batch_size // workers.world_size  # this process's share of each step's prompts
     total_steps, history = num_iterations * num_steps, []
     variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
                    max_completion_length=max_completion_length)  # grpo_loss's variant arguments
@@ -1214,7 +1362,8 @@ def train_with_grpo(
         starts_iteration = step % num_steps == 0
         if beta != 0.0 and starts_iteration:
             reference = make_reference_model(policy, amp_dtype)
-        batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
+        indices = batch_indices(step, batch_size, len(examples), seed)[workers.own(prompts_here)]  # all, alone
+        batch = [examples[i] for i in indices]
         prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
         answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
 
@@ -1222,7 +1371,7 @@ def train_with_grpo(
         #    this step. eval() turns off dropout and gradient checkpointing while generating.
         policy.eval()
         prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
-            generator, tokenizer, prompts, num_generations, eos_ids, device)  # (N, P), (N, P), (N, T), (N, T)
+            generator, tokenizer, prompts, num_generations, eos_ids, device, workers)  # (N, P), (N, P), (N, T), (N, T)
         texts = decode_completions(tokenizer, completion_ids, completion_mask)
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T): what the log-prob passes read
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
@@ -1232,11 +1381,15 @@ def train_with_grpo(
         correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
         formatting = torch.tensor(format_reward(texts))  # (N,)
         rewards = correctness + formatting  # (N,): r_i, as combined_reward defines it
-        advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
+        all_rewards = workers.gather(rewards)  # (N,) alone; under torchrun every process's (for "batch" scaling)
+        advantages = compute_group_advantages(all_rewards, num_generations, scale_rewards)  # (N, 1)
+        advantages = advantages[workers.own(len(rewards))].to(device)  # this process's rows (all of them alone)
         truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
         loss_mask = completion_mask  # (N, T): the tokens that get a loss
         if mask_truncated_completions:  # DAPO's overlong filtering: an unfinished completion gets none
             loss_mask = completion_mask * ~truncated.unsqueeze(1)  # (N, T)
+        # "dapo" averages over the step's tokens: under torchrun those of every process (section B).
+        batch_tokens = workers.mean({"tokens": loss_mask.sum()})["tokens"]
 
         # 4) The reference model's log-probs of the same tokens, once per step (no gradient): the KL anchor.
         ref_log_probs = None
@@ -1254,10 +1407,11 @@ def train_with_grpo(
         old_log_probs, skipped, update_means = None, 0, {}  # None: the first update uses its own log-probs
         for update in range(mu):
             log_probs, totals = accumulate_grpo_gradients(
-                policy_log_probs, input_ids, attention_mask, loss_mask, advantages,
-                old_log_probs, ref_log_probs, chunk, beta, epsilon, **variant)  # log_probs: (N, T), detached
+                policy_log_probs, input_ids, attention_mask, loss_mask, advantages, old_log_probs, ref_log_probs,
+                chunk, beta, epsilon, batch_tokens, no_sync, **variant)  # log_probs: (N, T), detached
             if update == 0:
                 old_log_probs = log_probs  # log pi_old, recorded by the first update
+            totals = workers.mean(totals)  # the whole step's loss and metrics (under torchrun, all processes')
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             if is_finite_update(grad_norm, totals["loss"]):  # a NaN/inf update is skipped (section C)
                 optimizer.step()
@@ -1271,7 +1425,8 @@ def train_with_grpo(
         now = time.perf_counter()
         seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - step_start}
         record = step_record(step + 1, step // num_steps + 1, rewards, correctness, formatting, truncated,
-                             num_generations, update_means, skipped, completion_mask, attention_mask, mu, seconds)
+                             num_generations, update_means, skipped, completion_mask, attention_mask, mu, seconds,
+                             workers)
         history.append(record)
         run.log_step(record, total_steps, mu, sample=(batch[0]["question"], texts[0], answers[0], rewards[0].item()))
 
@@ -1644,46 +1799,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "the range above 1 (DAPO: --epsilon 0.2 --epsilon_high 0.28)")
     if args.resume_from and args.overwrite_output_dir:
         parser.error("--resume_from carries a run on and --overwrite_output_dir starts it again: choose one")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if args.batch_size % world_size:
+        if int(os.environ.get("RANK", "0")):
+            sys.exit(2)  # process 0 says why
+        parser.error(f"--batch_size {args.batch_size} is not divisible by the {world_size} torchrun processes: "
+                     "each process takes the same number of prompts")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse, run, and turn expected failures into one line and an exit code: 1 for bad input or a
     non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for an interrupted one. Every message
-    after a stop names the command that carries on (or starts again)."""
+    after a stop names the command that carries on (or starts again). Under torchrun process 0 alone
+    prints them (the others exit with the same code)."""
     args = parse_args(argv)
-    stop = StopRequest()
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    quiet = int(os.environ.get("RANK", "0")) != 0
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
+    stop = StopRequest(repeat_quits=not under_torchrun)
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run(args, stop)
     except (DataError, NonFiniteError) as e:
+        if quiet and getattr(e, "shared", False):  # process 0 says it
+            sys.exit(1)
         sys.exit(f"error: {e}")
     except TrainingStopped as e:
         where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "nothing new to save"
         if e.signum is None:  # non-finite updates
-            sys.exit(f"error: {e}; {where}; {what_to_run_next(args.output_dir)} once the cause is fixed")
-        print(f"{e}; {where}; {what_to_run_next(args.output_dir)}", file=sys.stderr)
+            sys.exit(1 if quiet else f"error: {e}; {where}; {what_to_run_next(args.output_dir)} once the cause is fixed")
+        say(f"{e}; {where}; {what_to_run_next(args.output_dir)}")
         sys.exit(128 + e.signum)
     except Interrupted as e:  # during loading or evaluation
-        print(f"{e}; {what_to_run_next(args.output_dir)}", file=sys.stderr)
+        say(f"{e}; {what_to_run_next(args.output_dir)}")
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # a second Ctrl-C during training: the user wants out now
-        print(f"interrupted; quit without saving; {what_to_run_next(args.output_dir)}", file=sys.stderr)
+        say(f"interrupted; quit without saving; {what_to_run_next(args.output_dir)}")
         sys.exit(128 + signal.SIGINT)
+    except RuntimeError:
+        if under_torchrun and stop.is_set():  # a collective whose peer has already stopped
+            say(f"stopped by {signal.Signals(stop.signum).name}; {what_to_run_next(args.output_dir)}")
+            sys.exit(128 + stop.signum)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
-def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
-    """Everything main() does after parsing: load, evaluate, train (or resume), save, evaluate."""
-    stop = stop or StopRequest()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # also seeds every CUDA device
-    device = resolve_device(args.device)
-    transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
-
-    # Data, model and output folder. A signal here stops at once; an error leaves nothing behind.
+def load_run(args: argparse.Namespace, device: torch.device) -> tuple:
+    """What a run starts from: training and evaluation examples, the checkpoint to resume (or None),
+    the policy and tokenizer, and the checkpoint's training state (or None). Raises DataError."""
     train_examples = load_gsm8k(args.dataset, "train")
     eval_examples = []
     if args.eval_size:
@@ -1694,20 +1866,55 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
     # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
     policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
     resume = load_training_state(resume_from, device) if resume_from else None
+    return train_examples, eval_examples, resume_from, policy, tokenizer, resume
+
+
+def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
+    """Create --output_dir (only once everything has loaded: a run that fails to start leaves nothing
+    behind), clear an earlier attempt's files for a new run, and record the flags in args.json."""
     try:
-        os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that fails to start leaves nothing behind
-        if not resume_from:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if resume is None:
             clear_previous_run(args.output_dir)
         record_args(args.output_dir, args, resume)
     except OSError as e:
         raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
+
+
+def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
+    """Everything main() does after parsing: load, evaluate, train (or resume), save, evaluate."""
+    stop = stop or StopRequest()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # also seeds every CUDA device
+    workers, device = start_workers(resolve_device(args.device))
+    if not workers.is_main:
+        sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
+    transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
+
+    # Data, model and output folder. A signal here stops at once; an error leaves nothing behind, and
+    # under torchrun an error met by any process ends every process (workers.check).
+    error = None
+    try:
+        train_examples, eval_examples, resume_from, policy, tokenizer, resume = load_run(args, device)
+    except DataError as e:
+        error = str(e)
+    workers.check(error)
+    try:
+        if workers.is_main:
+            prepare_output_dir(args, resume)
+    except DataError as e:
+        error = str(e)
+    workers.check(error)
     if args.gradient_checkpointing:
         # Recompute activations during backward; transformers applies it only in train mode, and the
         # loop switches to eval mode for generation, so rollouts keep their full speed.
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    print(f"device {device} ({n_gpus} GPU(s) via DataParallel)" if n_gpus else "device cpu (float32)")
+    if workers.world_size > 1:
+        print(f"torchrun: {workers.world_size} processes ({torch.distributed.get_backend()}), process 0 on {device}")
+    else:
+        print(f"device {device} ({n_gpus} GPU(s) via DataParallel)" if n_gpus else "device cpu (float32)")
     print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
           f"model {args.model_name} ({format_count(sum(p.numel() for p in policy.parameters()))} parameters)")
     total_steps = args.num_iterations * args.num_steps
@@ -1725,15 +1932,17 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
                        device=device, autocast_dtype=amp_dtype)
     stop.where = f"before step {resume['step'] + 1 if resume else 1}"
     if eval_examples and "before" not in evaluation and not resume:
-        evaluation["before"] = evaluate_model(policy, tokenizer, eval_examples, label="eval before", **eval_kwargs)
-        with open(eval_path, "w", encoding="utf-8") as f:
-            json.dump(evaluation, f, indent=2)
+        evaluation["before"] = evaluate_on_every_process(policy, tokenizer, eval_examples, workers,
+                                                         label="eval before", **eval_kwargs)
+        if workers.is_main:
+            with open(eval_path, "w", encoding="utf-8") as f:
+                json.dump(evaluation, f, indent=2)
 
     # Training, then the final model. A signal now lets the step finish and save (see StopRequest).
     control = RunControl(
         output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
-        log_completions_steps=args.log_completions_steps, stop=stop, resume=resume)
+        log_completions_steps=args.log_completions_steps, stop=stop, resume=resume, workers=workers)
     del resume  # RunControl lets go of it once used: the optimizer state and reference weights are large
     with stop.deferred():
         history = train_with_grpo(
@@ -1746,19 +1955,22 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
             epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
             mask_truncated_completions=args.mask_truncated_completions, run=control,
         )
-        if history or not finished_model_in(args.output_dir):
+        if workers.is_main and (history or not finished_model_in(args.output_dir)):
             policy.save_pretrained(args.output_dir)
             tokenizer.save_pretrained(args.output_dir)
             print(f"saved the trained model and tokenizer to {args.output_dir}")
+        workers.barrier()
     stop.where = "during the evaluation after training (the trained model is saved)"
     if stop.is_set():  # a signal while the final model was being saved
         raise Interrupted(stop.signum, stop.where)
 
     # The "after" evaluation: a signal stops it at once; the model is saved already.
     if eval_examples and (history or "after" not in evaluation):
-        evaluation["after"] = evaluate_model(policy, tokenizer, eval_examples, label="eval after", **eval_kwargs)
-        with open(eval_path, "w", encoding="utf-8") as f:
-            json.dump(evaluation, f, indent=2)
+        evaluation["after"] = evaluate_on_every_process(policy, tokenizer, eval_examples, workers,
+                                                        label="eval after", **eval_kwargs)
+        if workers.is_main:
+            with open(eval_path, "w", encoding="utf-8") as f:
+                json.dump(evaluation, f, indent=2)
         if "before" in evaluation:
             print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
                 evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],

@@ -1490,3 +1490,101 @@ def test_a_signal_saves_a_checkpoint_and_exits(tiny_dir, tmp_path, signum, code)
     assert len(checkpoints) == 1
     steps_logged = len((out / "metrics.jsonl").read_text().splitlines())
     assert grpo.load_training_state(checkpoints[0])["step"] == steps_logged >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes: torchrun (gloo on CPU), DistributedDataParallel
+# ------------------------------------------------------------------------------------------------
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _ddp_flags(tiny_dir, data, out, *extra):
+    """A run with a learning signal (the format tags): with near-zero gradients AdamW would turn
+    float rounding into lr-sized differences between any two ways of summing the same gradient."""
+    return ["--model_name", tiny_dir, "--dataset", data, "--eval_size", "0", "--num_steps", "3", "--batch_size", "4",
+            "--num_generations", "8", "--mu", "2", "--max_completion_length", "12", "--micro_batch_size", "4",
+            "--device", "cpu", "--learning_rate", "1e-3", "--max_grad_norm", "1.0", "--output_dir", str(out),
+            "--log_completions_steps", "0", *extra]
+
+
+def _torchrun(flags, timeout=180):
+    return subprocess.run([*TORCHRUN, os.path.join(HERE, "grpo.py"), *flags], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [[], ["--loss_type", "dapo", "--scale_rewards", "batch", "--epsilon_high", "0.28"]],
+                         ids=["grpo", "dapo_batch_scaled"])
+def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_outputs(tiny_dir, tmp_path, variant):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
+    held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(45)[40:])
+    evaluation = ["--eval_dataset", held_out, "--eval_size", "5"]  # 5 questions: 3 on one process, 2 on the other
+    grpo.main(_ddp_flags(tiny_dir, data, tmp_path / "one", *evaluation, *variant))
+    result = _torchrun(_ddp_flags(tiny_dir, data, tmp_path / "two", *evaluation, *variant))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["reward"] for m in two] == [m["reward"] for m in one]  # the same completions, step by step
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert torch.allclose(_weights(tmp_path / "two"), _weights(tmp_path / "one"), atol=1e-5)
+    # One set of outputs: each step printed once, one metrics line per step, the evaluation of all 5.
+    assert [result.stdout.count(f"step {k}/3 ") for k in (1, 2, 3)] == [1, 1, 1]
+    def scores(run):
+        return {when: {k: v for k, v in result.items() if k != "seconds"}
+                for when, result in json.loads((tmp_path / run / "eval.json").read_text()).items()}
+
+    assert scores("two") == scores("one") and scores("two")["after"]["num_examples"] == 5
+
+
+@pytest.mark.slow
+def test_torchrun_signal_ends_in_one_checkpoint_and_a_resume_carries_on(tiny_dir, tmp_path):
+    import time
+
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
+    grpo.main(_ddp_flags(tiny_dir, data, tmp_path / "straight", "--num_steps", "4"))
+    out = tmp_path / "run"
+    flags = _ddp_flags(tiny_dir, data, out, "--num_steps", "100000")
+    process = subprocess.Popen([*TORCHRUN, os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in process.stdout:
+            if line.startswith("step 1/"):
+                break
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        # A Ctrl-C in a terminal: torchrun gets it and forwards it; here each worker gets one more directly.
+        os.killpg(process.pid, signal.SIGINT)
+        for pid in workers:
+            os.kill(int(pid), signal.SIGINT)
+        start = time.perf_counter()
+        _, stderr = process.communicate(timeout=60)
+        assert time.perf_counter() - start < 30, "torchrun had to kill its workers"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]  # no process left behind
+    assert "stopped by SIGINT after step" in stderr and "quit without saving" not in stderr
+    assert stderr.count("checkpoint saved in") == 1  # process 0 alone speaks
+    checkpoints = grpo.list_checkpoints(out)
+    assert len(checkpoints) == 1 and grpo.load_training_state(checkpoints[0])["step"] == len(_metrics(out))
+    result = _torchrun(_ddp_flags(tiny_dir, data, out, "--num_steps", "4", "--resume_from", "latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
+    assert [m["reward"] for m in _metrics(out)] == [m["reward"] for m in _metrics(tmp_path / "straight")]
+    assert torch.allclose(_weights(out), _weights(tmp_path / "straight"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_bad_input_ends_every_process_in_seconds_with_one_line(tiny_dir, tmp_path):
+    import time
+
+    start = time.perf_counter()
+    result = _torchrun(_ddp_flags(tiny_dir, str(tmp_path / "missing.jsonl"), tmp_path / "out"), timeout=60)
+    assert result.returncode != 0 and time.perf_counter() - start < 30
+    assert result.stderr.count("error: data file not found") == 1 and not (tmp_path / "out").exists()
+    result = _torchrun(_ddp_flags(tiny_dir, str(tmp_path / "missing.jsonl"), tmp_path / "out", "--batch_size", "3"))
+    assert result.returncode != 0
+    assert result.stderr.count("--batch_size 3 is not divisible by the 2 torchrun processes") == 1
+
