@@ -1297,30 +1297,14 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
 
 
 def train_with_grpo(
-    policy: nn.Module,
-    tokenizer,
-    examples: list[dict],
-    *,
-    num_iterations: int = 1,
-    num_steps: int = 500,
-    batch_size: int = 7,
-    num_generations: int = 4,
-    max_completion_length: int = 400,
-    mu: int = 3,
-    beta: float = 0.04,
-    epsilon: float = 0.2,
-    learning_rate: float = 5e-6,
-    weight_decay: float = 0.01,
-    max_grad_norm: float = 0.1,
-    temperature: float = 1.0,
-    micro_batch_size: int = 4,
-    bf16: bool = True,
-    seed: int = 42,
-    scale_rewards: str = "group",
-    loss_type: str = "grpo",
-    epsilon_high: float | None = None,
-    importance_sampling_level: str = "token",
-    mask_truncated_completions: bool = False,
+    policy: nn.Module, tokenizer, examples: list[dict], *,
+    num_iterations: int = 1, num_steps: int = 500, batch_size: int = 7, num_generations: int = 4, mu: int = 3,
+    max_completion_length: int = 400, temperature: float = 1.0,
+    beta: float = 0.04, epsilon: float = 0.2,
+    learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
+    micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
+    scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
+    importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
     run: RunControl | None = None,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step.
@@ -1686,6 +1670,34 @@ def what_to_run_next(output_dir: str) -> str:
     return "no checkpoint was saved: run the same command again to start over"
 
 
+def load_run(args: argparse.Namespace, device: torch.device) -> tuple:
+    """What a run starts from: training and evaluation examples, the checkpoint to resume (or None),
+    the policy and tokenizer, and the checkpoint's training state (or None). Raises DataError."""
+    train_examples = load_gsm8k(args.dataset, "train")
+    eval_examples = []
+    if args.eval_size:
+        if args.eval_dataset is None and looks_local(args.dataset):
+            raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
+        eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
+    resume_from = checkpoint_to_resume(args)
+    # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
+    policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
+    resume = load_training_state(resume_from, device) if resume_from else None
+    return train_examples, eval_examples, resume_from, policy, tokenizer, resume
+
+
+def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
+    """Create --output_dir (only once everything has loaded: a run that fails to start leaves nothing
+    behind), clear an earlier attempt's files for a new run, and record the flags in args.json."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if resume is None:
+            clear_previous_run(args.output_dir)
+        record_args(args.output_dir, args, resume)
+    except OSError as e:
+        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
+
+
 # ================================================================================================
 # 9. The command line
 # ================================================================================================
@@ -1851,34 +1863,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             signal.signal(signum, handler)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def load_run(args: argparse.Namespace, device: torch.device) -> tuple:
-    """What a run starts from: training and evaluation examples, the checkpoint to resume (or None),
-    the policy and tokenizer, and the checkpoint's training state (or None). Raises DataError."""
-    train_examples = load_gsm8k(args.dataset, "train")
-    eval_examples = []
-    if args.eval_size:
-        if args.eval_dataset is None and looks_local(args.dataset):
-            raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
-        eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
-    resume_from = checkpoint_to_resume(args)
-    # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
-    policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
-    resume = load_training_state(resume_from, device) if resume_from else None
-    return train_examples, eval_examples, resume_from, policy, tokenizer, resume
-
-
-def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
-    """Create --output_dir (only once everything has loaded: a run that fails to start leaves nothing
-    behind), clear an earlier attempt's files for a new run, and record the flags in args.json."""
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if resume is None:
-            clear_previous_run(args.output_dir)
-        record_args(args.output_dir, args, resume)
-    except OSError as e:
-        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
 
 
 def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
