@@ -13,10 +13,10 @@ Two ways through this file:
         4. per-token log-probs and the mask   9. the command line
         5. the GRPO loss
     Engineering, in fenced sections a first reading skips (each banner says where the tutorial resumes):
-        A. the in-place log-softmax backward (memory)           before section 4
-        B. exact sampling and DataParallel (speed, several GPUs) before section 6
-        C. logs, checkpoints, resume, signals and faults         before section 8
-        D. loading data and models, and their error messages    before section 9
+        A. the in-place log-softmax backward (memory)                before section 4
+        B. exact sampling, DataParallel and torchrun (speed, GPUs)   before section 6
+        C. logs, checkpoints, resume, signals and faults              before section 8
+        D. loading data, models and the output folder; errors         before section 9
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
     - advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased (sample) std, one value
@@ -27,6 +27,8 @@ Which GRPO this is (the paper leaves these open; each is settled in the docstrin
     - reduction  token mean within each completion (first end-of-sequence token included), then the
                  mean over completions, as in the paper's 1/G sum_i 1/|o_i| sum_t;
     - mu         policy updates per batch of rollouts; pi_old is the policy that sampled them.
+The GRPO family since then (Dr. GRPO, DAPO, GSPO) is one flag away: --loss_type, --scale_rewards,
+--epsilon_high, --importance_sampling_level, --mask_truncated_completions (see grpo_loss).
 
 One training step (the numbered phases of train_with_grpo):
     1) take B prompts from the training set (a new reference model at the start of each iteration)
@@ -40,6 +42,7 @@ One training step (the numbered phases of train_with_grpo):
 Commands:
     python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
     CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
+    torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
     python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \
         --max_completion_length 32 --eval_size 4                    # CPU smoke run
 
@@ -1708,8 +1711,10 @@ EXAMPLES = """examples:
       --max_completion_length 32 --eval_size 4
   # the real run on one GPU
   CUDA_VISIBLE_DEVICES=0 python grpo.py --num_generations 4 --mu 3
-  # several GPUs: DataParallel over all visible GPUs in one process
+  # several GPUs in one process (DataParallel over all visible GPUs)
   python grpo.py --num_generations 4 --mu 3
+  # one process per GPU (DistributedDataParallel), on one machine or several; --batch_size divisible by 8
+  torchrun --nproc_per_node 8 grpo.py --num_generations 4 --mu 3 --batch_size 8
 """
 
 
