@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -79,7 +80,7 @@ def build_tiny_model(tokenizer, seed=0):
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = Qwen2ForCausalLM(config)
@@ -1265,6 +1266,199 @@ def test_command_line_error_has_no_traceback(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: data file not found: {tmp_path / 'missing.jsonl'}"
+
+
+def grpo_layout():
+    """(first line, last line, title) of each banner-delimited section of grpo.py."""
+    lines = open(os.path.join(HERE, "grpo.py"), encoding="utf-8").read().splitlines()
+    starts, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("# ====="):
+            starts.append((i + 1, lines[i + 1][2:]))
+            i += 1
+            while not lines[i].startswith("# ====="):  # the banner's closing rule
+                i += 1
+        i += 1
+    ends = [start - 1 for start, _ in starts[1:]] + [len(lines)]
+    return [(start, end, title) for (start, title), end in zip(starts, ends)]
+
+
+def test_the_readme_layout_table_matches_the_file():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    layout = grpo_layout()
+    assert [title[:2] for _, _, title in layout if not title.startswith("Engineering")] == \
+        ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9."]  # the tutorial's order
+    for start, end, title in layout:
+        assert f"| {start}-{end} | {title} |" in readme, (start, end, title)
+    engineering = [title for _, _, title in layout if title.startswith("Engineering")]
+    assert len(engineering) == 4
+    source = open(os.path.join(HERE, "grpo.py"), encoding="utf-8").read()
+    assert source.count("(skip on first reading; the tutorial continues at section ") == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# A toy task on which the answers get right: the correctness reward at work
+# ------------------------------------------------------------------------------------------------
+# "Amy counts cards in boxes: 0 7 0 0 0 0 0. Which count is most common?" -> 0. Seven digits, six of
+# them the answer, shuffled; answers balanced over 0-9, so chance is 1/10. Training and held-out rows
+# use different (name, object) pairs and different digit lists: every held-out question is new.
+# A tiny model is warm-started on the FORMAT only, "<reasoning>count</reasoning><answer>D</answer>"
+# with D drawn at random for every example at every step: it learns how to answer and that the answer
+# is a digit, not which digit (its greedy answer is about the same digit for every question: chance).
+# GRPO's correctness reward is then the only source of the mapping. What it took (measured): Qwen2's
+# 0.02 init leaves even supervised training at chance for hundreds of steps (0.1 is used); one layer
+# with 8 heads learns sooner than two with 4; beta 0.2 keeps the answers from collapsing onto one or
+# two digits, after which groups of a different answer hold no right completion (beta 0: 0.57 / 0.20
+# / 0.51 on seeds 0-2; beta 0.04: 0.85 / 0.97 / 0.99; beta 0.2: 1.00 on seeds 0-9).
+
+TOY_NAMES = ["Tom", "Ann", "Sam", "Kim", "Bob", "Eve", "Max", "Amy"]
+TOY_OBJECTS = ["apples", "pens", "cards", "eggs", "books", "cups"]
+DIGITS = [str(d) for d in range(10)]
+TOY_GRPO = dict(num_steps=150, batch_size=8, num_generations=8, max_completion_length=8, mu=2, beta=0.2,
+                epsilon=0.2, learning_rate=2e-3, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0,
+                micro_batch_size=64)
+
+
+def toy_question(name, thing, digits):
+    return f"{name} counts {thing} in boxes: {' '.join(digits)}. Which count is most common?"
+
+
+def toy_rows(pairs, rng, exclude=frozenset(), per_pair=10, length=7, majority=6):
+    """GSM8K-format rows: per_pair for each (name, object), answers cycling through 0-9; a digit list
+    is `majority` copies of the answer and other distinct digits, shuffled, never one in `exclude`."""
+    rows = []
+    for name, thing in pairs:
+        for k in range(per_pair):
+            answer = DIGITS[k % 10]
+            while True:
+                digits = [answer] * majority + rng.sample([d for d in DIGITS if d != answer], length - majority)
+                rng.shuffle(digits)
+                if " ".join(digits) not in exclude:
+                    break
+            rows.append({"question": toy_question(name, thing, digits),
+                         "answer": f"{' '.join(digits)}: {answer} comes {majority} times.\n#### {answer}"})
+    return rows
+
+
+def toy_split(seed):
+    """380 training and 100 held-out examples (load_gsm8k's form), disjoint in pairs and digit lists."""
+    rng = random.Random(seed)
+    pairs = [(n, o) for n in TOY_NAMES for o in TOY_OBJECTS]
+    rng.shuffle(pairs)
+    train = toy_rows(pairs[10:], rng)
+    held_out = toy_rows(pairs[:10], rng, exclude=frozenset(row["answer"].split(":")[0] for row in train))
+    as_examples = lambda rows: [{"question": r["question"], "answer": grpo.extract_answer_from_dataset(r["answer"])}
+                                for r in rows]
+    return as_examples(train), as_examples(held_out)
+
+
+def build_toy_model(seed):
+    """A byte-level BPE tokenizer over the task's words (no digits: a digit is one token in the
+    question and in the answer) and a 1-layer, 64-wide Qwen2 chat model (initializer_range 0.1)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    corpus = [grpo.SYSTEM_PROMPT, " ".join(TOY_NAMES), " ".join(TOY_OBJECTS), "count system user assistant"]
+    corpus = (corpus + [toy_question(n, o, ["X"]) for n in TOY_NAMES for o in TOY_OBJECTS]) * 4
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=2, show_progress=False)
+    special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if "vocab_file" in inspect.signature(Qwen2Tokenizer.__init__).parameters:  # transformers 4 reads files
+        tokenizer = Qwen2Tokenizer(*bpe.save_model(tempfile.mkdtemp()), **special)
+    else:
+        merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+        tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, **special)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(TAGS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.1, bos_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+                                               pad_token_id=tokenizer.pad_token_id, do_sample=True)
+    return model, tokenizer
+
+
+def warm_start_on_the_format(model, tokenizer, examples, seed, steps=150, batch_size=32, learning_rate=3e-3):
+    """Supervised steps on prompt -> "<reasoning>count</reasoning><answer>D</answer><|im_end|>", the
+    loss on the completion only, D uniformly random each time: the format, not the answer."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    prompts = [tokenizer(grpo.build_prompt(tokenizer, ex["question"]), add_special_tokens=False)["input_ids"]
+               for ex in examples]
+    completions = {d: tokenizer(f"<reasoning>count</reasoning><answer>{d}</answer>", add_special_tokens=False)
+                   ["input_ids"] + [tokenizer.eos_token_id] for d in DIGITS}
+    model.train()
+    for _ in range(steps):
+        rows = [(prompts[i], completions[rng.choice(DIGITS)]) for i in rng.sample(range(len(examples)), batch_size)]
+        width = max(len(p) + len(c) for p, c in rows)
+        pad = lambda ids, value: ids + [value] * (width - len(ids))
+        input_ids = torch.tensor([pad(p + c, tokenizer.pad_token_id) for p, c in rows])  # (b, L)
+        labels = torch.tensor([pad([-100] * len(p) + c, -100) for p, c in rows])  # (b, L)
+        attention_mask = torch.tensor([pad([1] * (len(p) + len(c)), 0) for p, c in rows])  # (b, L)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (b, L, V)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def run_toy(seed=0, **grpo_overrides):
+    """Build, warm-start, evaluate on the held-out questions, train with GRPO, evaluate again."""
+    train, held_out = toy_split(seed)
+    assert not {ex["question"] for ex in train} & {ex["question"] for ex in held_out}
+    model, tokenizer = build_toy_model(seed)
+    warm_start_on_the_format(model, tokenizer, train, seed)
+    evaluate = lambda: grpo.evaluate_model(model, tokenizer, held_out, max_new_tokens=8, batch_size=100,
+                                           device=torch.device("cpu"))
+    before = evaluate()
+    torch.manual_seed(seed)
+    history = grpo.train_with_grpo(model, tokenizer, train, **{**TOY_GRPO, "seed": seed, **grpo_overrides})
+    return {"before": before, "after": evaluate(), "history": history}
+
+
+TOY_VARIANTS = {
+    "grpo": {},
+    "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "none"},
+    "dapo": {"loss_type": "dapo", "epsilon_high": 0.28, "mask_truncated_completions": True},
+    "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+}
+
+
+def print_toy_comparison(seeds=(0, 1, 2), num_steps=150):
+    """The GRPO variants on the toy task: held-out accuracy, the first step at which the training
+    correctness (mean of 5 steps) reaches half of its maximum, and the mean completion length."""
+    import contextlib
+    import io
+    import statistics
+
+    for name, variant in TOY_VARIANTS.items():
+        results = []
+        for seed in seeds:
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = run_toy(seed, num_steps=num_steps, **variant)
+            correct = [r["correctness_reward"] / 2.0 for r in result["history"]]
+            smoothed = [sum(correct[max(0, i - 4):i + 1]) / len(correct[max(0, i - 4):i + 1]) for i in range(len(correct))]
+            reached = next((i + 1 for i, c in enumerate(smoothed) if c >= 0.5), None)
+            length = statistics.mean(r["completion_length"] for r in result["history"])
+            results.append((result["before"]["strict_accuracy"], result["after"]["strict_accuracy"], reached, length))
+            print(f"{name:8s} seed {seed}: held-out {results[-1][0]:.2f} -> {results[-1][1]:.2f}, "
+                  f"training correctness >= 0.5 at step {reached}, mean length {length:.1f}", flush=True)
+        after = [r[1] for r in results]
+        print(f"{name:8s} median after {statistics.median(after):.2f} (min {min(after):.2f}, max {max(after):.2f})",
+              flush=True)
+
+
+@pytest.mark.slow
+def test_correctness_rises_from_chance_on_held_out_toy_questions():
+    result = run_toy(seed=0)
+    # Measured (seeds 0-9): before 0.04-0.10, after 1.00, about 25 s each.
+    assert result["before"]["strict_accuracy"] <= 0.25
+    assert result["after"]["strict_accuracy"] >= 0.6
+    assert result["history"][-1]["correctness_reward"] > result["history"][0]["correctness_reward"] + 0.5
 
 
 # ------------------------------------------------------------------------------------------------
