@@ -277,7 +277,8 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
         token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
-        log_normalizers = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])  # (N, T)
+        log_normalizers = torch.stack([  # (N, T); at T = 1 no scaled copy of the row is made
+            torch.logsumexp(row.float() if temperature == 1.0 else row.float() / temperature, dim=-1) for row in logits])
         ctx.save_for_backward(logits, token_ids, log_normalizers)
         ctx.temperature, ctx.used = temperature, False
         return token_logits - log_normalizers  # (N, T)
