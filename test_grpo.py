@@ -55,13 +55,13 @@ CORPUS = [
 ] * 10
 
 
-def build_tokenizer():
+def build_tokenizer(corpus=CORPUS, vocab_size=330):
     """Byte-level BPE like Qwen2's, so transformers reloads it as a working Qwen2Tokenizer."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import Qwen2Tokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=330, min_frequency=2, show_progress=False)
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=2, show_progress=False)
     special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
     if "vocab_file" in inspect.signature(Qwen2Tokenizer.__init__).parameters:  # transformers 4 reads files
         tokenizer = Qwen2Tokenizer(*bpe.save_model(tempfile.mkdtemp()), **special)
@@ -1355,22 +1355,11 @@ def toy_split(seed):
 def build_toy_model(seed):
     """A byte-level BPE tokenizer over the task's words (no digits: a digit is one token in the
     question and in the answer) and a 1-layer, 64-wide Qwen2 chat model (initializer_range 0.1)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     corpus = [grpo.SYSTEM_PROMPT, " ".join(TOY_NAMES), " ".join(TOY_OBJECTS), "count system user assistant"]
-    corpus = (corpus + [toy_question(n, o, ["X"]) for n in TOY_NAMES for o in TOY_OBJECTS]) * 4
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=2, show_progress=False)
-    special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    if "vocab_file" in inspect.signature(Qwen2Tokenizer.__init__).parameters:  # transformers 4 reads files
-        tokenizer = Qwen2Tokenizer(*bpe.save_model(tempfile.mkdtemp()), **special)
-    else:
-        merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-        tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, **special)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.add_tokens(TAGS)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = build_tokenizer((corpus + [toy_question(n, o, ["X"]) for n in TOY_NAMES for o in TOY_OBJECTS]) * 4,
+                                vocab_size=400)
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
