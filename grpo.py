@@ -316,7 +316,8 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torc
     log p(x) = logit[x] - logsumexp(logits), the logsumexp one sequence at a time in float32.
     It equals torch.log_softmax(logits, -1).gather(-1, token_ids[..., None])[..., 0] but never holds
     the full (N, T, V) log-probabilities in the forward pass. Differentiable by plain autograd; it
-    changes nothing it is given.
+    changes nothing it is given. This is the readable version to copy; compute_log_probs computes the
+    same with a hand-written backward that needs far less memory (engineering section A).
 
     logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
     """
@@ -626,7 +627,9 @@ class GenerateModule(nn.Module):
         # checkpoint's generation_config says (Qwen2.5-Instruct ships do_sample, temperature 0.7,
         # top_k 20, top_p 0.8, repetition_penalty 1.05), greedy mode applies none of its sampling
         # filters, and the repetition penalty, which greedy mode would apply, is switched off here.
-        # So completions come from exactly softmax(logits / temperature), what the log-probs score.
+        # So completions come from softmax(logits / temperature), what the log-probs score (as long as
+        # the checkpoint sets none of generate's other processors, e.g. suppress_tokens or
+        # no_repeat_ngram_size: Qwen2.5 sets none).
         samplers = LogitsProcessorList()
         if self.temperature is not None:
             samplers.append(InverseCDFSampler(self.temperature, uniforms, prompt_ids.size(1)))
@@ -859,7 +862,8 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # ================================================================================================
 # A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted
 # job), carry on exactly where it stopped, and not let one NaN destroy the weights. The training loop
-# sees all of this as three calls: step_record, RunControl.log_step and RunControl.checkpoint_or_stop.
+# sees all of this as four calls: RunControl.start, step_record, RunControl.log_step and
+# RunControl.checkpoint_or_stop.
 
 
 def progress_bar(done: int, total: int, width: int = 20) -> str:
@@ -983,12 +987,27 @@ def restore_rng(rng: dict) -> None:
             torch.cuda.set_rng_state(state.cpu(), index)
 
 
+def write_json(path: str, value) -> None:
+    """Write JSON to a '.tmp' file, then rename it into place: an interruption never leaves half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short (a process killed while writing it)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def keep_metrics_up_to(metrics_path: str, step: int) -> None:
     """On resume, drop metrics lines of steps after the checkpoint (they will be run again)."""
     if not os.path.exists(metrics_path):
         return
     with open(metrics_path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in f if (step_of(line) or step + 1) <= step]
     with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(metrics_path + ".tmp", metrics_path)
@@ -1045,8 +1064,12 @@ class StopRequest:
         self.signum = signum
         if not self.deferring:
             raise Interrupted(signum, self.where)
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              "(send it again to quit at once, without saving)", flush=True)
+        again = "send it again to quit at once, without saving" if self.repeat_quits else "torchrun ends it"
+        message = f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint ({again})\n"
+        try:  # straight to the file: the signal may have interrupted a print, which print cannot re-enter
+            os.write(sys.stdout.fileno(), message.encode())
+        except (AttributeError, OSError, ValueError):  # a stream without a file (a test's capture)
+            print(message, end="", flush=True)
 
 
 def is_finite_update(grad_norm: torch.Tensor, loss: torch.Tensor | float) -> bool:
@@ -1092,7 +1115,7 @@ class RunControl:
         if self.metrics_path and self.workers.is_main:
             keep_metrics_up_to(self.metrics_path, state["step"])
         reference = None
-        if beta != 0.0:  # the reference of the iteration being resumed (the loop replaces it when one starts)
+        if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
             reference = make_reference_model(policy, amp_dtype)
             if state["reference"] is not None:
                 reference.load_state_dict(state.pop("reference"))
@@ -1279,10 +1302,11 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
         batch_tokens = completion_mask.sum().item()
     log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
+    from contextlib import nullcontext
+
     for c in micro_batches(num_sequences, micro_batch_size):
-        last = c.stop == num_sequences
-        # (torch.enable_grad() is a no-op here: the context to use when gradients are averaged now.)
-        with no_sync() if no_sync is not None and not last else torch.enable_grad():
+        average_now = no_sync is None or c.stop == num_sequences  # DDP: once per update, with the last
+        with nullcontext() if average_now else no_sync():
             log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
             log_probs_seen[c] = log_probs.detach()
             old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
@@ -1350,7 +1374,8 @@ def train_with_grpo(
         starts_iteration = step % num_steps == 0
         if beta != 0.0 and starts_iteration:
             reference = make_reference_model(policy, amp_dtype)
-        indices = batch_indices(step, batch_size, len(examples), seed)[workers.own(prompts_here)]  # all, alone
+        # (under torchrun this process's share of the B prompts; one process takes them all)
+        indices = batch_indices(step, batch_size, len(examples), seed)[workers.own(prompts_here)]
         batch = [examples[i] for i in indices]
         prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
         answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
@@ -1369,9 +1394,11 @@ def train_with_grpo(
         correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
         formatting = torch.tensor(format_reward(texts))  # (N,)
         rewards = correctness + formatting  # (N,): r_i, as combined_reward defines it
-        all_rewards = workers.gather(rewards)  # (N,) alone; under torchrun every process's (for "batch" scaling)
-        advantages = compute_group_advantages(all_rewards, num_generations, scale_rewards)  # (N, 1)
-        advantages = advantages[workers.own(len(rewards))].to(device)  # this process's rows (all of them alone)
+        # (under torchrun the advantages are computed from every process's rewards, so that "batch"
+        #  scaling sees the whole step, and each process keeps its own rows; one process: just these)
+        all_rewards = workers.gather(rewards)  # (N,), or (B * G,) over all processes
+        advantages = compute_group_advantages(all_rewards, num_generations, scale_rewards)
+        advantages = advantages[workers.own(len(rewards))].to(device)  # (N, 1)
         truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
         loss_mask = completion_mask  # (N, T): the tokens that get a loss
         if mask_truncated_completions:  # DAPO's overlong filtering: an unfinished completion gets none
@@ -1405,7 +1432,7 @@ def train_with_grpo(
                 optimizer.step()
             else:
                 skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=no_sync is None)  # under DDP the gradients stay in its buckets
             for name, value in {**totals, "grad_norm": grad_norm}.items():
                 update_means[name] = update_means.get(name, 0.0) + value / mu
 
@@ -1458,9 +1485,10 @@ def use_hub_cache_only_if_offline() -> None:
     if huggingface_hub.constants.HF_HUB_OFFLINE or any(
             os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return  # offline already, or a proxy that a direct connection would not go through
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=3).close()
+        socket.create_connection((host, port), timeout=3).close()
     except OSError:
         print(f"{host} cannot be reached: using only the local hub cache", flush=True)
         huggingface_hub.constants.HF_HUB_OFFLINE = True  # what transformers asks before any download
@@ -1473,7 +1501,9 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
         if os.path.isdir(source) or (os.path.exists(source) and not source.endswith((".json", ".jsonl"))):
             raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
         if not os.path.isfile(source):
-            raise DataError(f"data file not found: {source}")
+            hint = "" if "/" in source or source.endswith((".json", ".jsonl")) else \
+                " (a hub data set is named owner/name, e.g. openai/gsm8k)"
+            raise DataError(f"data file not found: {source}{hint}")
         try:
             with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
                 text = f.read()
@@ -1528,7 +1558,8 @@ def load_gsm8k(source: str, split: str = "train") -> list[dict]:
 
 
 def resolve_device(choice: str) -> torch.device:
-    """--device auto/cuda/cpu as a torch.device (cuda means GPU 0, with DataParallel over all visible GPUs)."""
+    """--device auto/cuda/cpu as a torch.device (cuda means GPU 0, with DataParallel over all visible GPUs;
+    under torchrun, start_workers moves each process to its own GPU)."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for, but torch sees no GPU")
     if choice == "auto":
@@ -1639,9 +1670,7 @@ def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | 
                                                  "changed": changed})
         if changed:
             print("changed since the run began: " + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, record)
 
 
 def _number_type(kind, name: str, check, requirement: str):
@@ -1666,12 +1695,13 @@ non_negative_float = _number_type(float, "non_negative_float", lambda v: v >= 0 
 open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "strictly between 0 and 1")
 
 
-def what_to_run_next(output_dir: str) -> str:
+def what_to_run_next(args: argparse.Namespace) -> str:
     """After a stop: the command that carries on (or starts again), for the last line printed."""
-    checkpoints = list_checkpoints(output_dir)
-    if checkpoints:
-        return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command with --resume_from latest"
-    return "no checkpoint was saved: run the same command again to start over"
+    checkpoints = list_checkpoints(args.output_dir)
+    if not checkpoints:
+        return "no checkpoint was saved: run the same command again to start over"
+    without = " without --overwrite_output_dir and" if args.overwrite_output_dir else ""
+    return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with --resume_from latest"
 
 
 def load_run(args: argparse.Namespace, device: torch.device) -> tuple:
@@ -1734,7 +1764,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_dataset", default=None, help="held-out data, same forms as --dataset; default: the "
                    "'test' split of --dataset when it is a hub data set (a local --dataset needs this flag for evaluation)")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto = every visible GPU if there is one, else CPU; pick GPUs with CUDA_VISIBLE_DEVICES")
+                   help="auto = every visible GPU if there is one (under torchrun: one per process), else CPU; "
+                        "pick GPUs with CUDA_VISIBLE_DEVICES")
     g.add_argument("--seed", type=int, default=42, help="seeds python and torch (sampling, data order)")
 
     g = parser.add_argument_group("GRPO schedule")
@@ -1832,7 +1863,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     after a stop names the command that carries on (or starts again). Under torchrun process 0 alone
     prints them (the others exit with the same code)."""
     args = parse_args(argv)
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for a single process
     quiet = int(os.environ.get("RANK", "0")) != 0
 
     def say(message: str) -> None:
@@ -1850,25 +1881,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except TrainingStopped as e:
         where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "nothing new to save"
         if e.signum is None:  # non-finite updates
-            sys.exit(1 if quiet else f"error: {e}; {where}; {what_to_run_next(args.output_dir)} once the cause is fixed")
-        say(f"{e}; {where}; {what_to_run_next(args.output_dir)}")
+            sys.exit(1 if quiet else f"error: {e}; {where}; {what_to_run_next(args)} once the cause is fixed")
+        say(f"{e}; {where}; {what_to_run_next(args)}")
         sys.exit(128 + e.signum)
     except Interrupted as e:  # during loading or evaluation
-        say(f"{e}; {what_to_run_next(args.output_dir)}")
+        say(f"{e}; {what_to_run_next(args)}")
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # a second Ctrl-C during training: the user wants out now
-        say(f"interrupted; quit without saving; {what_to_run_next(args.output_dir)}")
+        say(f"interrupted; quit without saving; {what_to_run_next(args)}")
         sys.exit(128 + signal.SIGINT)
     except RuntimeError:
         if under_torchrun and stop.is_set():  # a collective whose peer has already stopped
-            say(f"stopped by {signal.Signals(stop.signum).name}; {what_to_run_next(args.output_dir)}")
+            say(f"stopped by {signal.Signals(stop.signum).name}; {what_to_run_next(args)}")
             sys.exit(128 + stop.signum)
         raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int | str | None) -> None:
+    """End the process as sys.exit(code) would (a message is printed and gives status 1). Under
+    torchrun, without Python's teardown once the outputs are flushed: DistributedDataParallel leaves
+    the process group's threads behind (its autograd hooks keep them, whatever is deleted), and gloo
+    aborts the process now and then when they are destroyed at interpreter exit, after all the work."""
+    if not torch.distributed.is_initialized():
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    torch.distributed.destroy_process_group()
+    os._exit(code or 0)
+
 
 
 def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
@@ -1925,8 +1971,7 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         evaluation["before"] = evaluate_on_every_process(policy, tokenizer, eval_examples, workers,
                                                          label="eval before", **eval_kwargs)
         if workers.is_main:
-            with open(eval_path, "w", encoding="utf-8") as f:
-                json.dump(evaluation, f, indent=2)
+            write_json(eval_path, evaluation)
 
     # Training, then the final model. A signal now lets the step finish and save (see StopRequest).
     control = RunControl(
@@ -1959,14 +2004,18 @@ def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]
         evaluation["after"] = evaluate_on_every_process(policy, tokenizer, eval_examples, workers,
                                                         label="eval after", **eval_kwargs)
         if workers.is_main:
-            with open(eval_path, "w", encoding="utf-8") as f:
-                json.dump(evaluation, f, indent=2)
+            write_json(eval_path, evaluation)
         if "before" in evaluation:
             print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
                 evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],
                 evaluation["before"]["lenient_accuracy"], evaluation["after"]["lenient_accuracy"]))
+    workers.barrier()  # no process tears down the process group while another still uses it
     return history
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        exit_process(0)
+    except SystemExit as stopped:
+        exit_process(stopped.code)

@@ -237,9 +237,12 @@ def _interrupt(flags, *cues, timeout=120):
 
 
 def _advised(flags, stderr):
-    """The command the last line of stderr advises: the same flags, plus --resume_from latest if it says so."""
+    """The command the last line of stderr advises: the same flags, plus --resume_from latest if it
+    says so (and without --overwrite_output_dir if it says so)."""
     advice = stderr.strip().splitlines()[-1]
     assert "run the same command" in advice, advice
+    if "without --overwrite_output_dir" in advice:
+        flags = [flag for flag in flags if flag != "--overwrite_output_dir"]
     return flags + (["--resume_from", "latest"] if "--resume_from latest" in advice else [])
 
 
@@ -1151,17 +1154,25 @@ def test_a_path_under_an_existing_folder_is_local_even_with_one_slash(tmp_path, 
 def test_an_unreachable_hub_is_detected_once_and_the_cache_used(monkeypatch, capsys):
     import huggingface_hub.constants
 
-    def no_network(*args, **kwargs):
+    tried = []
+
+    def no_network(address, timeout):
+        tried.append((address, timeout))
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setattr(grpo.socket, "create_connection", no_network)
     grpo.use_hub_cache_only_if_offline()
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
     assert "cannot be reached: using only the local hub cache" in capsys.readouterr().out
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080")  # a mirror: its own host and port
+    grpo.use_hub_cache_only_if_offline()
+    assert tried == [(("huggingface.co", 443), 3), (("mirror.local", 8080), 3)]
 
 
 @pytest.mark.slow
@@ -1231,6 +1242,26 @@ def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tin
     else:
         assert message in _main_error(flags)
     assert case in ("output_dir_is_a_file", "unwritable_output_dir") or not out.exists()
+
+
+def test_json_files_are_replaced_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "eval.json")
+    grpo.write_json(path, {"before": 1})
+    with pytest.raises(TypeError):
+        grpo.write_json(path, {"after": object()})  # fails half-way through writing
+    assert json.loads(open(path).read()) == {"before": 1}
+
+
+def test_resume_drops_a_metrics_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n" + '{"step": 3, "rew')
+    grpo.keep_metrics_up_to(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_bare_name_that_is_no_file_says_how_hub_data_sets_are_named():
+    with pytest.raises(grpo.DataError, match="owner/name, e.g. openai/gsm8k"):
+        grpo.load_gsm8k("gsm8k")
 
 
 def test_a_data_file_with_a_byte_order_mark_loads(tmp_path):
@@ -1637,6 +1668,19 @@ def test_a_signal_during_evaluation_stops_it_at_once_and_the_advice_works(tiny_d
 
 
 @pytest.mark.slow
+def test_the_advice_after_a_signal_works_for_a_run_started_with_overwrite(tiny_dir, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    flags = _run_flags(tiny_dir, data, tmp_path / "run", "--overwrite_output_dir")
+    _signal_on_call(monkeypatch, "decode_completions", 2, signal.SIGINT)
+    with pytest.raises(SystemExit):
+        grpo.main(flags)
+    monkeypatch.undo()
+    advised = _advised(flags, capsys.readouterr().err)
+    assert "--overwrite_output_dir" not in advised  # both flags together are refused (exit 2)
+    assert [r["step"] for r in grpo.main(advised)] == [3, 4]
+
+
+@pytest.mark.slow
 def test_a_second_signal_quits_at_once_and_the_advice_works(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
     out = tmp_path / "run"
@@ -1770,4 +1814,33 @@ def test_torchrun_bad_input_ends_every_process_in_seconds_with_one_line(tiny_dir
     result = _torchrun(_ddp_flags(tiny_dir, str(tmp_path / "missing.jsonl"), tmp_path / "out", "--batch_size", "3"))
     assert result.returncode != 0
     assert result.stderr.count("--batch_size 3 is not divisible by the 2 torchrun processes") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_saves_on_a_repeated_signal(tiny_dir, tmp_path):
+    # torchrun forwards the signal it gets: a worker may see Ctrl-C twice, which must not skip the save.
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
+    out = tmp_path / "run"
+    flags = _ddp_flags(tiny_dir, data, out, "--num_steps", "100000", "--num_generations", "16", "--max_completion_length", "48")
+    process = subprocess.Popen([*TORCHRUN[:-1], "1", os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    output = b""
+    try:
+        while b"step 2/" not in output:
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, process.stderr.read().decode()[-2000:]
+            output += chunk
+        worker = int(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()[0])
+        os.kill(worker, signal.SIGINT)
+        while b"finishing this step" not in output:
+            output += os.read(process.stdout.fileno(), 4096)
+        os.kill(worker, signal.SIGINT)  # the same Ctrl-C again, as torchrun forwards it
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = stderr.decode()
+    assert "quit without saving" not in stderr and "checkpoint saved in" in stderr, stderr[-2000:]
+    assert len(grpo.list_checkpoints(out)) == 1
 
