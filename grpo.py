@@ -1523,7 +1523,7 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
     try:
         return list(datasets.load_dataset(source, "main", split=split))
     except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}; "
                         f"{OFFLINE_ADVICE}") from None
 
@@ -1594,7 +1594,7 @@ def load_model_and_tokenizer(name: str, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      attn_implementation="sdpa")  # fused attention kernels
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         advice = "" if looks_local(name) else f"; {OFFLINE_ADVICE}"
         raise DataError(f"could not load model '{name}': {first_line}{advice}") from None
     if not tokenizer.chat_template:
