@@ -899,7 +899,7 @@ def step_record(step: int, iteration: int, rewards: torch.Tensor, correctness: t
     the record is the whole step's; the times are this process's.
     """
     workers = workers or Workers()
-    per_completion = torch.stack([rewards, correctness, formatting, truncated.float(),
+    per_completion = torch.stack([rewards, correctness, formatting, truncated.float().cpu(),
                                   completion_mask.sum(dim=1).float().cpu(),
                                   attention_mask.sum(dim=1).float().cpu()], dim=1)  # (N, 6)
     rewards, correctness, formatting, truncated, lengths, sequence_lengths = workers.gather(per_completion).T
@@ -1404,7 +1404,7 @@ def train_with_grpo(
         if mask_truncated_completions:  # DAPO's overlong filtering: an unfinished completion gets none
             loss_mask = completion_mask * ~truncated.unsqueeze(1)  # (N, T)
         # "dapo" averages over the step's tokens: under torchrun those of every process (section B).
-        batch_tokens = workers.mean({"tokens": loss_mask.sum()})["tokens"]
+        batch_tokens = float(workers.mean({"tokens": loss_mask.sum()})["tokens"])
 
         # 4) The reference model's log-probs of the same tokens, once per step (no gradient): the KL anchor.
         ref_log_probs = None
