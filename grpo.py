@@ -1302,7 +1302,7 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
         batch_tokens = completion_mask.sum().item()
     log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
-    from contextlib import nullcontext
+    from contextlib import nullcontext  # imported here too, so that the function can be copied as it is
 
     for c in micro_batches(num_sequences, micro_batch_size):
         average_now = no_sync is None or c.stop == num_sequences  # DDP: once per update, with the last
