@@ -5,39 +5,54 @@ it samples a *group* of G completions, scores each with a rule-based reward, and
 than its group a completion did as the advantage of every one of its tokens. Those advantages enter
 PPO's clipped objective, with a KL penalty that keeps the policy near a frozen reference model.
 
-Two ways through this file:
-    First reading, the tutorial (GRPO and nothing else), in this order:
-        1. prompts and answer extraction      6. rollouts: sampling G completions per prompt
-        2. rewards                            7. evaluation
-        3. group-relative advantages          8. the training loop
-        4. per-token log-probs and the mask   9. the command line
-        5. the GRPO loss
-    Engineering, in fenced sections a first reading skips (each banner says where the tutorial resumes):
-        A. the in-place log-softmax backward (memory)                before section 4
-        B. exact sampling, DataParallel and torchrun (speed, GPUs)   before section 6
-        C. logs, checkpoints, resume, signals and faults              before section 8
-        D. loading data, models and the output folder; errors         before section 9
+Read the numbered sections in order: they are the tutorial, GRPO and nothing else.
+    1. prompts and answer extraction      6. rollouts: sampling G completions per prompt
+    2. rewards                            7. evaluation
+    3. group-relative advantages          8. the training loop
+    4. per-token log-probs and the mask   9. the command line
+    5. the GRPO loss
+The fenced sections hold what a real run needs besides. A first reading skips them: the lesson never
+calls into them; they swap their versions in through named arguments (compute_log_probs' log_softmax,
+generate_completions' generate) and four marked lines of the training loop.
+    A. the in-place log-softmax backward (memory)                       after section 4
+    B. DataParallel and torchrun (several GPUs, processes, machines)    after section 7
+    C. logs, checkpoints, resume, signals and faults                    after section B
+    D. loading, the output folder, one-line errors, main's bookkeeping  after section 8
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
-    - advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased (sample) std, one value
-      for every token of completion i; a group whose rewards are all equal gives A = 0 (no signal);
+    - advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), sample std (divisor G - 1), one
+                 value for every token of completion i; a group whose rewards all agree gives A = 0;
     - ratio      rho_t = exp(log pi_theta(o_t) - log pi_old(o_t)), clipped to [1 - epsilon, 1 + epsilon];
-    - KL         the k3 estimator  exp(q - p) - (q - p) - 1  with p = log pi_theta, q = log pi_ref,
-                 subtracted per token with weight beta (beta = 0: no reference model at all);
-    - reduction  token mean within each completion (first end-of-sequence token included), then the
-                 mean over completions, as in the paper's 1/G sum_i 1/|o_i| sum_t;
+    - KL         k3: exp(q - p) - (q - p) - 1 with p = log pi_theta, q = log pi_ref, weight beta
+                 (beta = 0: no reference model at all);
+    - loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t) A_i) - beta KL_t], the first
+                 end-of-sequence token included in |o_i|;
     - mu         policy updates per batch of rollouts; pi_old is the policy that sampled them.
-The GRPO family since then (Dr. GRPO, DAPO, GSPO) is one flag away: --loss_type, --scale_rewards,
---epsilon_high, --importance_sampling_level, --mask_truncated_completions (see grpo_loss).
+The family since then changes one piece each, behind one flag each (formulas in grpo_loss and
+compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
+--epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
+
+Where this departs from the notebook it follows (theLMbook's "GRPO from scratch"), on purpose:
+    1. prompts go through the model's chat template instead of joined strings;
+    2. completions are sampled from exactly softmax(logits / T), the distribution the log-probs score:
+       the checkpoint's top_k / top_p / repetition penalty never apply (InverseCDFSampler);
+    3. the completion mask ends at the first of *all* the model's end-of-turn ids, not at the pad id
+       (Qwen's pad token is itself an end-of-turn token);
+    4. one AdamW for the whole run (the notebook makes a new one, losing its moments, each iteration);
+    5. evaluation is greedy, on held-out GSM8K test questions, not on training rows;
+    6. DataParallel really splits the work (the notebook unwraps it to generate), and torchrun with
+       DistributedDataParallel goes past one GPU per process and one machine;
+    7. updates run in micro-batches with gradients accumulated, and log-probs never build an
+       (N, T, V) log_softmax;
+    8. the data are visited as a fresh random permutation per pass (reproducible, resumable).
 
 One training step (the numbered phases of train_with_grpo):
-    1) take B prompts from the training set (a new reference model at the start of each iteration)
+    1) take B prompts (a new reference model at the start of each iteration)
     2) roll out G completions per prompt with the current policy (KV cache, eval mode, no grad)
     3) score them: rewards -> group-relative advantages
     4) score the completions under the reference model (when beta > 0)
     5) mu times: loss over micro-batches, gradients accumulated, clipped, one AdamW step
-    6) log the step
-    7) save a checkpoint when one is due; stop here if asked to
+    6) log the step, save a checkpoint when one is due, stop here if asked to
 
 Commands:
     python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
@@ -66,7 +81,7 @@ import statistics
 import sys
 import time
 import urllib.parse
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -219,26 +234,26 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_
 
     rewards: (N,) with N = B * G, the G completions of each prompt consecutive.
     std is the unbiased sample std (torch's default, divisor G - 1), so G must be at least 2.
-    A group whose rewards are all equal carries no signal and gets exactly A = 0. (The 1e-4 alone does
-    not ensure it: in float32 the mean of eight 2.8s is one rounding step off 2.8, and that error
-    divided by 1e-4 would be an advantage of about 5e-3.)
+    A group whose rewards are all equal carries no signal and gets exactly A = 0.
     Returns (N, 1), ready to broadcast over the T tokens of each completion.
 
-    scale_rewards chooses the divisor (the group mean is always subtracted):
+    The worked example: rewards [1, 2, 3, 4, 5, 6] with G = 3 have group means 2 and 5 and stds 1,
+    so A = [-1, 0, 1, -1, 0, 1] (up to the 1e-4).
+
+    The variants change the divisor (the group mean is always subtracted), scale_rewards:
         "group"  std of the completion's own group + 1e-4 (DeepSeekMath; the default)
         "batch"  std of all N rewards + 1e-4: one scale for the batch, so a group whose rewards barely
                  differ does not get advantages as large as one whose rewards differ a lot
         "none"   no division, A_i = r_i - mean_group(r) (Dr. GRPO, arXiv 2503.20783: dividing by the
                  group std up-weights questions that are nearly always or nearly never solved)
-
-    The worked example: rewards [1, 2, 3, 4, 5, 6] with G = 3 have group means 2 and 5 and stds 1,
-    so A = [-1, 0, 1, -1, 0, 1] (up to the 1e-4).
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)  # (N,)
     if num_generations < 2 or rewards.numel() % num_generations:
         raise ValueError(f"need num_generations >= 2 dividing {rewards.numel()} rewards, got {num_generations}")
     grouped = rewards.view(-1, num_generations)  # (B, G)
     mean = grouped.mean(dim=1, keepdim=True)  # (B, 1)
+    # Equal groups are zeroed explicitly: the 1e-4 alone does not do it, because in float32 the mean of
+    # eight 2.8s is one rounding step off 2.8, and that error divided by 1e-4 is an advantage of ~5e-3.
     all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # (B, 1)
     centered = torch.where(all_equal, 0.0, grouped - mean)  # (B, G)
     if scale_rewards == "group":
@@ -253,25 +268,114 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_
 
 
 # ================================================================================================
+# 4. Per-token log-probabilities and the completion mask
+# ================================================================================================
+# The ratio and the KL of the loss are built from log pi(o_t | q, o_<t): the log-probability that a
+# model gives to each token the policy actually sampled. One function computes it for the policy,
+# the old policy and the reference model.
+
+
+def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[x] for one chosen token x per position.
+
+    log p(x) = logit[x] / T - logsumexp(logits / T), the logsumexp one sequence at a time in float32.
+    It equals torch.log_softmax(logits.float() / T, -1).gather(-1, token_ids[..., None])[..., 0] but
+    never holds the (N, T, V) log-probabilities of every token. The temperature is applied in float32:
+    dividing bf16 logits by T first would round logit / T (up to 0.013 in a log-prob at T = 0.7).
+    Plain autograd; it changes nothing it is given.
+
+    logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
+    """
+    token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
+    log_normalizers = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])  # (N, T)
+    return token_logits - log_normalizers  # (N, T)
+
+
+def compute_log_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    temperature: float = 1.0,
+    log_softmax=selective_log_softmax,
+) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for the last `logits_to_keep` tokens of each sequence (the completion).
+
+    input_ids, attention_mask: (N, P + T), prompt left-padded, completion after it; logits_to_keep = T.
+    Returns (N, T) float32.
+
+    The logits are divided by the sampling temperature: the completions were sampled from
+    softmax(logits / temperature), and the ratio and KL must score them under that same distribution.
+    log_softmax(logits, token_ids, temperature) -> (N, T) is selective_log_softmax; the training loop
+    (engineering sections A and B) passes InPlaceSelectiveLogSoftmax.apply, the same values with a
+    backward pass that needs almost no memory beyond the logits.
+    Copy with: selective_log_softmax.
+    """
+    # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
+    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (N, P + T)
+    # The logit at position t scores the token at t + 1. The completion is the last T tokens, at positions
+    # L-T .. L-1 (L = P + T), so its scores are the logits at positions L-T-1 .. L-2. logits_to_keep takes
+    # those indices: the LM head runs on T positions, not P + T, and no slice of the logits is copied.
+    length = input_ids.size(1)
+    keep = torch.arange(length - logits_to_keep - 1, length - 1, device=input_ids.device)  # (T,)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=keep,
+        use_cache=False,  # no KV cache to build: this is one full forward pass
+    ).logits  # (N, T, V)
+    completion_ids = input_ids[:, -logits_to_keep:]  # (N, T)
+    return log_softmax(logits, completion_ids, temperature)  # (N, T)
+
+
+def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for every completion token up to and including the first end-of-sequence token, 0 after it.
+
+    The first EOS is included: choosing to stop is an action the policy must get credit for. Tokens
+    after it are padding. Masking by comparing to the pad id would be wrong, because Qwen2.5's pad
+    token <|endoftext|> is also one of its end-of-turn tokens. A completion with no EOS (cut at the
+    length limit) keeps all its tokens.
+
+    completion_ids: (N, T) -> (N, T) int64.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (N, T)
+    num_tokens = completion_ids.size(1)
+    first_eos = torch.full((completion_ids.size(0),), num_tokens, device=completion_ids.device)  # (N,)
+    has_eos = is_eos.any(dim=1)  # (N,)
+    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]  # argmax returns the first maximum
+    positions = torch.arange(num_tokens, device=completion_ids.device)  # (T,)
+    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (N, T)
+
+
+def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """True for each completion without an end-of-sequence token: cut off at the length limit.
+
+    completion_ids: (N, T) -> (N,) bool.
+    """
+    return ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).any(dim=1)  # (N,)
+
+
+# ================================================================================================
 # Engineering A: the in-place log-softmax backward, which saves most of an update's memory
-# (skip on first reading; the tutorial continues at section 4)
+# (skip on first reading; the tutorial continues at section 5)
 # ================================================================================================
 # With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of a policy update:
-# 4 sequences x 400 tokens x 151,936 x 4 bytes = 0.97 GB. Through plain autograd, log_softmax and
-# gather keep or build several tensors of that size for the backward pass. Written by hand, the
-# backward needs none: it turns the logits into their own gradient, row by row.
+# 4 sequences x 400 tokens x 151,936 x 4 bytes = 0.97 GB. Through plain autograd, selective_log_softmax
+# keeps or builds several tensors of that size for the backward pass. Written by hand, the backward
+# needs none: it turns the logits into their own gradient, row by row. LogProbModule (section B)
+# passes it to compute_log_probs as its log_softmax.
 
 
 class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
-    """log softmax(logits / temperature)[token], whose backward overwrites the logits with their gradient.
+    """selective_log_softmax (section 4) with a backward that overwrites the logits with their gradient.
 
     forward:   log p(x) = logit[x] / T - logsumexp(logits / T), one sequence at a time, in float32
     backward:  d log p(x) / d logits = (onehot(x) - softmax(logits / T)) / T, written into the logits
 
-    The temperature is applied in float32 inside the logsumexp: dividing bf16 logits by T first would
-    round logit / T to bf16 (up to 0.013 in a log-prob at T = 0.7). Because the backward destroys the
-    logits, it can run once only, and the logits must be read by nothing else (compute_log_probs owns
-    them). forward(logits (N, T, V), token_ids (N, T), temperature) -> (N, T) float32.
+    Because the backward destroys the logits, it can run once only, and the logits must be read by
+    nothing else (compute_log_probs makes them and hands them straight here).
+    apply(logits (N, T, V), token_ids (N, T), temperature) -> (N, T) float32.
     """
 
     @staticmethod
@@ -300,95 +404,6 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
             row.mul_(-g).scatter_add_(-1, token_ids[i].unsqueeze(-1), g)  # (T, V): (onehot - softmax) / T * grad
             logits[i] = row  # a no-op for float32 (row is logits[i]); rounds back to bf16 otherwise
         return logits, None, None
-
-
-# ================================================================================================
-# 4. Per-token log-probabilities and the completion mask
-# ================================================================================================
-# The ratio and the KL of the loss are built from log pi(o_t | q, o_<t): the log-probability that a
-# model gives to each token the policy actually sampled. One function computes it for the policy,
-# the old policy and the reference model.
-
-
-def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[x] for one chosen token x per position, without a (N, T, V) log_softmax.
-
-    log p(x) = logit[x] - logsumexp(logits), the logsumexp one sequence at a time in float32.
-    It equals torch.log_softmax(logits, -1).gather(-1, token_ids[..., None])[..., 0] but never holds
-    the full (N, T, V) log-probabilities in the forward pass. Differentiable by plain autograd; it
-    changes nothing it is given. This is the readable version to copy; compute_log_probs computes the
-    same with a hand-written backward that needs far less memory (engineering section A).
-
-    logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
-    """
-    token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float()  # (N, T)
-    log_normalizers = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T)
-    return token_logits - log_normalizers  # (N, T)
-
-
-def compute_log_probs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    logits_to_keep: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for the last `logits_to_keep` tokens of each sequence (the completion).
-
-    input_ids, attention_mask: (N, P + T), prompt left-padded, completion after it; logits_to_keep = T.
-    Returns (N, T) float32.
-
-    The logits are divided by the sampling temperature: the completions were sampled from
-    softmax(logits / temperature), and the ratio and KL must score them under that same distribution.
-    The plain equivalent of the last line is
-        torch.log_softmax(logits.float() / temperature, -1).gather(-1, completion_ids[..., None])[..., 0]
-    which is not used because its backward holds several (N, T, V) tensors; InPlaceSelectiveLogSoftmax
-    holds none beyond the logits. The price: the result can be differentiated once (one backward pass).
-    Copy with: InPlaceSelectiveLogSoftmax.
-    """
-    # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
-    position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (N, P + T)
-    # The logit at position t scores the token at t + 1. The completion is the last T tokens, at positions
-    # L-T .. L-1 (L = P + T), so its scores are the logits at positions L-T-1 .. L-2. logits_to_keep takes
-    # those indices: the LM head runs on T positions, not P + T, and no slice of the logits is copied.
-    length = input_ids.size(1)
-    keep = torch.arange(length - logits_to_keep - 1, length - 1, device=input_ids.device)  # (T,)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=keep,
-        use_cache=False,  # no KV cache to build: this is one full forward pass
-    ).logits  # (N, T, V)
-    completion_ids = input_ids[:, -logits_to_keep:]  # (N, T)
-    return InPlaceSelectiveLogSoftmax.apply(logits, completion_ids, temperature)  # (N, T)
-
-
-def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """1 for every completion token up to and including the first end-of-sequence token, 0 after it.
-
-    The first EOS is included: choosing to stop is an action the policy must get credit for. Tokens
-    after it are padding. Masking by comparing to the pad id would be wrong, because Qwen2.5's pad
-    token <|endoftext|> is also one of its end-of-turn tokens. A completion with no EOS (cut at the
-    length limit) keeps all its tokens.
-
-    completion_ids: (N, T) -> (N, T) int64.
-    """
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (N, T)
-    num_tokens = completion_ids.size(1)
-    first_eos = torch.full((completion_ids.size(0),), num_tokens, device=completion_ids.device)  # (N,)
-    has_eos = is_eos.any(dim=1)  # (N,)
-    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]  # argmax returns the first maximum
-    positions = torch.arange(num_tokens, device=completion_ids.device)  # (T,)
-    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (N, T)
-
-
-def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """True for each completion without an end-of-sequence token: cut off at the length limit.
-
-    completion_ids: (N, T) -> (N,) bool.
-    """
-    return ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).any(dim=1)  # (N,)
 
 
 # ================================================================================================
@@ -502,17 +517,181 @@ def grpo_loss(
 
 
 # ================================================================================================
-# Engineering B: exact sampling, DataParallel, and several processes (torchrun)
-# (skip on first reading; the tutorial continues at section 6)
+# 6. Rollouts: sampling G completions per prompt
 # ================================================================================================
-# Two ways to use several GPUs, and every line that knows about either is in this section.
+# The ratio and the KL score each completion under softmax(logits / temperature). The completions must
+# therefore come from exactly that distribution, which generate()'s own sampling does not promise: it
+# applies the checkpoint's generation_config (Qwen2.5-Instruct ships top_k 20, top_p 0.8 and a
+# repetition penalty). So generate() runs in greedy mode and a sampler of our own picks each token.
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each next token from softmax(scores / temperature), inside generate().
+
+    Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
+    take u ~ Uniform[0, 1) and the first token k with c_k > u * c_V; then P(k) = w_k / c_V exactly.
+    The uniforms are drawn before generation, one per sequence and new token (n, max_new_tokens), so
+    each sequence's sample depends only on its own logits and its own row of uniforms: split the rows
+    over GPUs or processes and the completions do not change. It is also fast: torch.multinomial,
+    which generate() uses when do_sample=True, cost about 30 ms per call over a 151,936-token
+    vocabulary on our CPU, 75% of a rollout; this takes about 7 ms.
+    It returns scores that are -inf except at the drawn token, so greedy mode's argmax takes that token.
+    A row of scores that is not finite (a NaN from the model) has no distribution to sample from: it
+    is recorded in `broken_rows` (no host sync per token), and sample_sequences raises once it ends.
+    """
+
+    def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
+        self.temperature, self.uniforms, self.prompt_length = temperature, uniforms, prompt_length
+        self.broken_rows = torch.zeros(uniforms.size(0), dtype=torch.bool, device=uniforms.device)  # (n,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = self.uniforms[:, input_ids.size(1) - self.prompt_length].unsqueeze(1)  # (n, 1), this token's draws
+        weights = torch.exp((scores - scores.max(dim=-1, keepdim=True).values) / self.temperature)  # (n, V)
+        cdf = weights.cumsum(dim=-1)  # (n, V), unnormalised: the last column is the total
+        self.broken_rows |= ~torch.isfinite(cdf[:, -1])  # (n,): NaN or inf somewhere in the row
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
+
+
+def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None, *,
+                     max_new_tokens: int, temperature: float | None, eos_token_ids: list[int],
+                     pad_token_id: int) -> torch.Tensor:
+    """model.generate() with the KV cache: prompts (n, P) -> prompts + completions (n, P + t), t <= max_new_tokens.
+
+    With a temperature, each new token is drawn from softmax(logits / temperature) by InverseCDFSampler,
+    driven by uniforms (n, max_new_tokens); temperature None means greedy decoding (evaluation).
+    Raises FloatingPointError if the model's scores for some sequence were NaN or inf.
+    Copy with: InverseCDFSampler.
+    """
+    samplers = LogitsProcessorList()
+    if temperature is not None:
+        samplers.append(InverseCDFSampler(temperature, uniforms, prompt_ids.size(1)))
+    # Greedy mode applies none of the checkpoint's sampling filters; the repetition penalty, which greedy
+    # mode would apply, is switched off. (Qwen2.5 sets none of generate's other processors, such as
+    # suppress_tokens or no_repeat_ngram_size, which would also change the distribution.)
+    sequences = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        repetition_penalty=1.0,
+        logits_processor=samplers,
+        eos_token_id=eos_token_ids,
+        pad_token_id=pad_token_id,
+        use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
+    )  # (n, P + t): generate stops once every sequence has ended
+    if samplers and bool(samplers[0].broken_rows.any()):
+        raise FloatingPointError(f"the model's next-token scores were NaN or inf for {int(samplers[0].broken_rows.sum())}"
+                                 f" of {len(prompt_ids)} sequences while sampling; the weights or the attention "
+                                 "kernel produced them (see the README's GPU notes)")
+    return sequences
+
+
+def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and all of the model's
+    generation_config eos ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_completions(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
+                         temperature: float | None, eos_token_ids: list[int], generate=sample_sequences):
+    """Sample num_generations completions for each prompt in one batched generate call.
+
+    Each prompt is repeated G times back to back, so the G completions of a prompt are consecutive, as
+    compute_group_advantages expects. Prompts are left-padded so that every completion starts at the
+    same column P. The model should be in eval mode (no dropout).
+    generate(model, prompt_ids, prompt_mask, uniforms, **settings) -> (N, P + t) is sample_sequences;
+    the training loop passes Parallel.generate (engineering section B), which returns the same sequences
+    with the work spread over GPUs and processes.
+    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
+    the longest completion.
+    Copy with: sample_sequences, InverseCDFSampler, create_completion_mask.
+    """
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    uniforms = None  # all the rollout's randomness, drawn here from the seeded CPU generator, whatever the device
+    if temperature is not None:
+        uniforms = torch.rand(prompt_ids.size(0), max_new_tokens).to(device)  # (N, max_new_tokens)
+    with torch.no_grad():
+        sequences = generate(model, prompt_ids, prompt_mask, uniforms, max_new_tokens=max_new_tokens,
+                             temperature=temperature, eos_token_ids=eos_token_ids,
+                             pad_token_id=tokenizer.pad_token_id)  # (N, P + t)
+    completion_ids = sequences[:, prompt_ids.size(1):]  # (N, t)
+    completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, t)
+    longest = max(int(completion_mask.sum(dim=1).max()), 1)
+    return prompt_ids, prompt_mask, completion_ids[:, :longest], completion_mask[:, :longest]
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """The text of each completion, up to its first EOS, without special tokens."""
+    lengths = completion_mask.sum(dim=1).tolist()
+    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# ================================================================================================
+# 7. Evaluation: greedy answers to held-out questions
+# ================================================================================================
+
+
+def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: int, batch_size: int,
+                   label: str = "eval", generate=sample_sequences) -> dict:
+    """Greedy-decoding accuracy on held-out examples, in batches of batch_size prompts.
+
+    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training
+    rewards; lenient_accuracy: the last number anywhere in the completion equals the answer, which
+    credits a right answer given without the tags. generate: as in generate_completions.
+    """
+    was_training = model.training
+    model.eval()
+    eos_ids = end_of_sequence_ids(model, tokenizer)
+    strict = lenient = 0
+    start_time = time.perf_counter()
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
+        answers = [ex["answer"] for ex in batch]
+        _, _, completion_ids, completion_mask = generate_completions(
+            model, tokenizer, prompts, 1, max_new_tokens, None, eos_ids, generate)
+        texts = decode_completions(tokenizer, completion_ids, completion_mask)
+        strict += sum(r > 0 for r in correctness_reward(texts, answers))
+        for text, answer in zip(texts, answers):
+            predicted, expected = extract_last_number(text), extract_single_number(answer)
+            lenient += predicted is not None and predicted == expected
+        done = start + len(batch)
+        print(f"\r{label}: {done}/{len(examples)}  strict {strict / done:.1%}  lenient {lenient / done:.1%}",
+              end="" if done < len(examples) else "\n", flush=True)
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {"strict_accuracy": strict / n, "lenient_accuracy": lenient / n,
+            "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
+
+
+# ================================================================================================
+# Engineering B: DataParallel and torchrun (several GPUs, processes and machines)
+# (skip on first reading; the tutorial continues at section 8)
+# ================================================================================================
+# Every line that knows about more than one device is here. The training loop calls three methods of
+# a Parallel object, each the lesson's own function with the work spread out and the same result:
+#     generate                   sample_sequences                                (section 6)
+#     log_probs                  compute_log_probs in micro-batches, no gradient (section 4)
+#     accumulate_grpo_gradients  accumulate_grpo_gradients                        (section 8)
 # `python grpo.py`: one process; nn.DataParallel splits a module's tensor inputs along dim 0 across the
 # visible GPUs, runs a replica of the module on each share in parallel threads, and concatenates the
-# outputs on GPU 0. To make that pay, the wrapped modules below return small results: per-token
-# log-probs (N, T) rather than logits (N, T, V), and token ids padded to one fixed width. On a machine
-# without GPUs DataParallel calls the module directly, so the tests run this same code path on CPU.
-# `torchrun ... grpo.py`: one process per GPU (or per CPU worker with gloo), on one machine or many;
-# see Workers below.
+# outputs on GPU 0. To make that pay, the wrapped modules return small results: per-token log-probs
+# (n, T) rather than logits (n, T, V), and token ids padded to one fixed width. Without GPUs
+# DataParallel calls the module directly, so the tests run this same code path on CPU.
+# `torchrun ... grpo.py`: one process per GPU (or per CPU worker with gloo), on one machine or many.
+# Every process holds a whole policy, reference model and optimizer, and the whole step's prompts:
+# each samples and scores its block of the step's rows, and the blocks are gathered, so that every
+# process holds the step's completions, rewards and advantages, exactly those of a single process.
+# The update runs each process's rows through DistributedDataParallel, which averages the gradients
+# once per update; process 0 alone prints and writes files.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -523,18 +702,6 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move the
     # work to the GPUs, so then the module is left unwrapped.
     return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DataParallel wrapper (or the module itself)."""
-    return module.module if isinstance(module, nn.DataParallel) else module
-
-
-def num_data_parallel_devices(device: torch.device) -> int:
-    """How many GPUs DataParallel splits a batch over (1 on CPU and under torchrun)."""
-    if torch.distributed.is_initialized() or device.type != "cuda":
-        return 1
-    return max(torch.cuda.device_count(), 1)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -563,135 +730,81 @@ def _expose_replica_parameters(module: nn.Module) -> None:
                            "generate() cannot find its device; run on one GPU (CUDA_VISIBLE_DEVICES=0)")
 
 
+class GenerateModule(nn.Module):
+    """sample_sequences (section 6) as a module DataParallel can split: forward(prompt_ids, prompt_mask,
+    uniforms) -> (n, P + max_new_tokens) token ids, padded to that fixed width so that the replicas'
+    outputs can be concatenated. settings: sample_sequences' keywords. Autocast is entered here, inside
+    each replica's thread, so that every GPU runs in bf16."""
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, **settings):
+        super().__init__()
+        self.model, self.autocast_dtype, self.settings = model, autocast_dtype, settings
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None = None):
+        _expose_replica_parameters(self)
+        with autocast(prompt_ids.device, self.autocast_dtype):
+            sequences = sample_sequences(self.model, prompt_ids, prompt_mask, uniforms, **self.settings)  # (n, P + t)
+        width = prompt_ids.size(1) + self.settings["max_new_tokens"]
+        return nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.settings["pad_token_id"])
+
+
 class LogProbModule(nn.Module):
-    """forward(input_ids, attention_mask, logits_to_keep) -> compute_log_probs(model, ...): (N, T)."""
+    """compute_log_probs (section 4) as a module DataParallel can split, with the in-place log-softmax
+    backward (section A): forward(input_ids, attention_mask, logits_to_keep) -> (n, T)."""
 
     def __init__(self, model: nn.Module, temperature: float, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.temperature, self.autocast_dtype = model, temperature, autocast_dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
-        # autocast is entered here, inside each replica's thread, so that every GPU runs in bf16.
         with autocast(input_ids.device, self.autocast_dtype):
-            return compute_log_probs(self.model, input_ids, attention_mask, logits_to_keep, self.temperature)
-
-
-class NonFiniteError(RuntimeError):
-    """The model produced NaN or inf where a distribution was needed; main() prints one line and exits 1."""
-
-
-class InverseCDFSampler(LogitsProcessor):
-    """Draws each next token from softmax(scores / temperature), inside generate().
-
-    Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
-    take u ~ Uniform[0, 1) and the first token k with c_k > u * c_V; then P(k) = w_k / c_V exactly.
-    The uniforms are drawn before generation, one per sequence and new token (n, max_new_tokens), so
-    each sequence's sample depends only on its own logits and its own row of uniforms: DataParallel
-    splits the rows with the prompts, and a rollout is the same on one GPU or eight.
-    It is also fast: torch.multinomial, which generate() uses when do_sample=True, cost about 30 ms
-    per call over a 151,936-token vocabulary on our CPU, 75% of a rollout; this takes about 7 ms.
-    It returns scores that are -inf except at the drawn token, and generate() runs in greedy mode, so
-    its argmax takes that token: the sampling is all here, and no top-k / top-p setting of the
-    checkpoint can touch it.
-    A row of scores that is not finite (a NaN from the model) has no distribution to sample from: it
-    is recorded in `broken_rows` (no host sync per token) and GenerateModule raises once generate() ends.
-    """
-
-    def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
-        self.temperature, self.uniforms, self.prompt_length = temperature, uniforms, prompt_length
-        self.broken_rows = torch.zeros(uniforms.size(0), dtype=torch.bool, device=uniforms.device)  # (n,)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = self.uniforms[:, input_ids.size(1) - self.prompt_length].unsqueeze(1)  # (n, 1), this token's draws
-        weights = torch.exp((scores - scores.max(dim=-1, keepdim=True).values) / self.temperature)  # (n, V)
-        cdf = weights.cumsum(dim=-1)  # (n, V), unnormalised: the last column is the total
-        self.broken_rows |= ~torch.isfinite(cdf[:, -1])  # (n,): NaN or inf somewhere in the row
-        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
-
-
-class GenerateModule(nn.Module):
-    """forward(prompt_ids, prompt_mask, uniforms) -> (n, P + max_new_tokens) token ids, padded to that
-    fixed width so DataParallel can concatenate the replicas' outputs. uniforms (n, max_new_tokens)
-    drive the sampling (see InverseCDFSampler); temperature None means greedy decoding, no uniforms."""
-
-    def __init__(self, model, max_new_tokens, eos_token_ids, pad_token_id, temperature=None, autocast_dtype=None):
-        super().__init__()
-        self.model, self.max_new_tokens = model, max_new_tokens
-        self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
-        self.temperature, self.autocast_dtype = temperature, autocast_dtype
-
-    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None = None):
-        _expose_replica_parameters(self)
-        # Sampling happens in InverseCDFSampler, with generate() in greedy mode. Whatever the
-        # checkpoint's generation_config says (Qwen2.5-Instruct ships do_sample, temperature 0.7,
-        # top_k 20, top_p 0.8, repetition_penalty 1.05), greedy mode applies none of its sampling
-        # filters, and the repetition penalty, which greedy mode would apply, is switched off here.
-        # So completions come from softmax(logits / temperature), what the log-probs score (as long as
-        # the checkpoint sets none of generate's other processors, e.g. suppress_tokens or
-        # no_repeat_ngram_size: Qwen2.5 sets none).
-        samplers = LogitsProcessorList()
-        if self.temperature is not None:
-            samplers.append(InverseCDFSampler(self.temperature, uniforms, prompt_ids.size(1)))
-        with autocast(prompt_ids.device, self.autocast_dtype):
-            sequences = self.model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                repetition_penalty=1.0,
-                logits_processor=samplers,
-                eos_token_id=self.eos_token_ids,
-                pad_token_id=self.pad_token_id,
-                use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
-            )  # (n, P + t), t <= max_new_tokens: generate stops once every sequence has ended
-        if samplers and bool(samplers[0].broken_rows.any()):
-            raise NonFiniteError(f"the model's next-token scores were NaN or inf for {int(samplers[0].broken_rows.sum())}"
-                                 f" of {len(prompt_ids)} sequences while sampling; the weights or the attention "
-                                 "kernel produced them (see the README's GPU notes)")
-        width = prompt_ids.size(1) + self.max_new_tokens
-        return torch.nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.pad_token_id)  # (n, P + max_new)
-
-
-# --- Several processes: torchrun and DistributedDataParallel ------------------------------------
-# Under torchrun each process holds a whole policy, reference model and optimizer, and takes
-# batch_size / world_size of each step's prompts (whole groups). Its completions are exactly those a
-# single process would sample for the same prompts: every process draws the whole step's random
-# numbers and keeps its rows. The update's forward passes run through DistributedDataParallel, which
-# averages the gradients over the processes once per update, so the update equals the single-process
-# one. Metrics are averaged over all processes; process 0 alone prints and writes files.
+            return compute_log_probs(self.model, input_ids, attention_mask, logits_to_keep, self.temperature,
+                                     log_softmax=InPlaceSelectiveLogSoftmax.apply)
 
 
 @dataclass
-class Workers:
-    """This process's place among the processes of a run (rank 0 of 1 without torchrun), and the few
-    collective operations the run needs. Every method is the identity for a single process."""
+class Parallel:
+    """This process's place in the run (process 0 of 1 without torchrun), its device and bf16 autocast,
+    and the lesson's three heavy functions spread over the GPUs and processes. Every method returns
+    what the lesson's function returns on one device; with one process the collectives do nothing."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None
+    trained: nn.Module | None = None  # under torchrun: the policy inside DistributedDataParallel
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def own(self, num_rows: int) -> slice:
-        """This process's rows of a whole-step tensor whose processes each hold num_rows rows."""
-        return slice(self.rank * num_rows, (self.rank + 1) * num_rows)
+    @property
+    def gpus(self) -> int:
+        """How many GPUs DataParallel splits this process's rows over (1 on CPU and under torchrun)."""
+        return torch.cuda.device_count() if self.device.type == "cuda" and self.world_size == 1 else 1
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's tensor (same shape on each), concatenated along dim 0 in rank order."""
+    def rows(self, num_rows: int) -> slice:
+        """This process's block of num_rows rows: blocks of ceil(num_rows / world_size), the last ones shorter."""
+        size = -(-num_rows // self.world_size)
+        return slice(min(self.rank * size, num_rows), min((self.rank + 1) * size, num_rows))
+
+    def gather(self, part: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Every process's block (see rows), concatenated in rank order: (num_rows, ...)."""
         if self.world_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor, device=self.device) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, tensor.to(self.device))
-        return torch.cat(parts).to(tensor.device)
+            return part
+        size = -(-num_rows // self.world_size)
+        padded = part.new_zeros((size, *part.shape[1:]), device=self.device)  # blocks must have one shape
+        padded[:len(part)] = part
+        blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch.distributed.all_gather(blocks, padded)
+        return torch.cat(blocks)[:num_rows].to(part.device)  # short blocks are last: their padding is cut
 
     def mean(self, values: dict) -> dict:
-        """Each value (a number or a 0-d tensor) averaged over the processes."""
+        """Each value (a number or a 0-d tensor) as a float, averaged over the processes."""
+        values = {name: float(value) for name, value in values.items()}
         if self.world_size == 1:
             return values
-        stacked = torch.tensor([float(v) for v in values.values()], device=self.device)
+        stacked = torch.tensor(list(values.values()), device=self.device)
         torch.distributed.all_reduce(stacked)
         return dict(zip(values, (stacked / self.world_size).tolist()))
 
@@ -714,7 +827,7 @@ class Workers:
         if failed:
             rank, message = failed[0]
             error = DataError(message if self.world_size == 1 or rank == 0 else f"[process {rank}] {message}")
-            error.shared = True  # every process raises it; main() lets process 0 print it
+            error.shared = True  # every process raises it; process 0 prints it
             raise error
 
     def barrier(self) -> None:
@@ -722,138 +835,68 @@ class Workers:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None,
+                 **settings) -> torch.Tensor:
+        """sample_sequences(model, prompt_ids, prompt_mask, uniforms, **settings) for all N rows, padded to
+        (N, P + max_new_tokens): this process's block, split over its GPUs, then every block gathered."""
+        rows = self.rows(len(prompt_ids))
+        width = prompt_ids.size(1) + settings["max_new_tokens"]
+        if rows.start == rows.stop:  # more processes than rows (a last, short evaluation batch)
+            return self.gather(prompt_ids.new_full((0, width), settings["pad_token_id"]), len(prompt_ids))
+        generator = data_parallel(GenerateModule(model, self.autocast_dtype, **settings), self.device)
+        part = generator(prompt_ids[rows], prompt_mask[rows], None if uniforms is None else uniforms[rows])
+        return self.gather(part, len(prompt_ids))  # (N, P + max_new_tokens)
 
-def rollout_uniforms(num_sequences: int, max_new_tokens: int, workers: Workers | None = None) -> torch.Tensor:
-    """The random numbers InverseCDFSampler turns into tokens: (num_sequences, max_new_tokens), drawn
-    from the seeded CPU generator whatever the device. Under torchrun every process draws those of the
-    whole step and keeps its own rows, so its completions are those of a single-process run."""
-    workers = workers or Workers()
-    return torch.rand(num_sequences * workers.world_size, max_new_tokens)[workers.own(num_sequences)]  # (n, T)
+    def log_probs(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                  temperature: float, micro_batch_size: int) -> torch.Tensor:
+        """compute_log_probs of all N rows without gradients, micro_batch_size rows per GPU at a time: (N, T)."""
+        rows, scorer = self.rows(len(input_ids)), data_parallel(LogProbModule(model, temperature, self.autocast_dtype),
+                                                                self.device)
+        ids, mask = input_ids[rows], attention_mask[rows]  # (n, P + T)
+        with torch.no_grad():
+            part = torch.cat([scorer(ids[c], mask[c], logits_to_keep)
+                              for c in micro_batches(len(ids), micro_batch_size * self.gpus)])  # (n, T)
+        return self.gather(part, len(input_ids))  # (N, T)
+
+    def accumulate_grpo_gradients(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  completion_mask: torch.Tensor, advantages: torch.Tensor,
+                                  old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
+                                  micro_batch_size: int, beta: float, epsilon: float, temperature: float,
+                                  **variant) -> tuple[torch.Tensor, dict]:
+        """accumulate_grpo_gradients over this process's rows, micro_batch_size per GPU at a time, through
+        DistributedDataParallel under torchrun; returns the log-probs of all N rows (N, T) and the loss
+        and metrics as floats, averaged over the processes. Each process's loss is an average over its
+        own rows (for "dapo": its tokens / the step's tokens per process) and DDP averages the gradients
+        over the processes, so the update is the single-process full-batch one."""
+        if self.world_size > 1 and self.trained is None:
+            self.trained = nn.parallel.DistributedDataParallel(
+                policy, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # the gradients live in DDP's buckets, not in a second copy
+        scorer = data_parallel(LogProbModule(self.trained or policy, temperature, self.autocast_dtype), self.device)
+        rows = self.rows(len(input_ids))
+        old = None if old_log_probs is None else old_log_probs[rows]  # (n, T)
+        ref = None if ref_log_probs is None else ref_log_probs[rows]  # (n, T)
+        log_probs, totals = accumulate_grpo_gradients(
+            scorer, input_ids[rows], attention_mask[rows], completion_mask[rows], advantages[rows], old, ref,
+            micro_batch_size * self.gpus, beta, epsilon,
+            batch_tokens=completion_mask.sum().item() / self.world_size,
+            no_sync=self.trained.no_sync if self.trained is not None else None, **variant)
+        return self.gather(log_probs, len(input_ids)), self.mean(totals)  # (N, T), floats
 
 
-def start_workers(device: torch.device) -> tuple[Workers, torch.device]:
+def start_parallel(device: torch.device, bf16: bool) -> Parallel:
     """Join torchrun's process group when torchrun started this process (it sets WORLD_SIZE, RANK and
     LOCAL_RANK): NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU. Without torchrun:
-    a single worker. Returns the workers and the device this process computes on."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Workers(device=device), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Workers(torch.distributed.get_rank(), world_size, device), device
-
-
-def evaluate_on_every_process(model: nn.Module, tokenizer, examples: list[dict], workers: Workers,
-                              **kwargs) -> dict:
-    """evaluate_model on this process's share of the examples (every world_size-th one), the counts
-    summed over the processes: the same accuracies as one process scoring them all."""
-    result = evaluate_model(model, tokenizer, examples[workers.rank::workers.world_size], **kwargs)
-    if workers.world_size == 1:
-        return result
-    n = result["num_examples"]
-    means = workers.mean({"strict": result["strict_accuracy"] * n, "lenient": result["lenient_accuracy"] * n, "n": n})
-    total = means["n"] * workers.world_size
-    return {**result, "strict_accuracy": means["strict"] * workers.world_size / total,
-            "lenient_accuracy": means["lenient"] * workers.world_size / total, "num_examples": round(total)}
-
-
-def distributed_data_parallel(policy: nn.Module, device: torch.device) -> nn.Module:
-    """The policy wrapped in DistributedDataParallel under torchrun (unchanged otherwise): its forward
-    passes register the hooks that average the gradients over the processes during backward.
-    gradient_as_bucket_view: the gradients live in DDP's communication buckets, not in a second copy."""
-    if not torch.distributed.is_initialized():
-        return policy
-    return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                               gradient_as_bucket_view=True)
-
-
-# ================================================================================================
-# 6. Rollouts: sampling G completions per prompt
-# ================================================================================================
-
-
-def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """Every token id that ends a completion: the tokenizer's EOS and all of the model's
-    generation_config eos ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
-def generate_completions(generator: torch.nn.Module, tokenizer, prompts: list[str], num_generations: int,
-                         eos_token_ids: list[int], device: torch.device, workers=None):
-    """Sample num_generations completions for each prompt in one batched generate call.
-
-    generator is a GenerateModule (wrapped in DataParallel on GPUs; engineering section B), which runs
-    the policy's generate() with the KV cache. Each prompt is repeated G times back to back, so the G
-    completions of a prompt are consecutive, as compute_group_advantages expects. Prompts are
-    left-padded so that every completion starts at the same column P. (workers: see section B.)
-    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
-    the longest completion.
-    """
-    settings = unwrap(generator)  # its temperature and max_new_tokens
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
-    prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
-    uniforms = None
-    if settings.temperature is not None:  # all the rollout's randomness, drawn here from the seeded RNG
-        uniforms = rollout_uniforms(prompt_ids.size(0), settings.max_new_tokens, workers).to(device)  # (N, max_new)
-    with torch.no_grad():
-        sequences = generator(prompt_ids, prompt_mask, uniforms)  # (N, P + max_new_tokens)
-    completion_ids = sequences[:, prompt_ids.size(1):]  # (N, max_new_tokens)
-    completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, max_new_tokens)
-    longest = max(int(completion_mask.sum(dim=1).max()), 1)
-    return prompt_ids, prompt_mask, completion_ids[:, :longest], completion_mask[:, :longest]
-
-
-def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    """The text of each completion, up to its first EOS, without special tokens."""
-    lengths = completion_mask.sum(dim=1).tolist()
-    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-
-# ================================================================================================
-# 7. Evaluation: greedy answers to held-out questions
-# ================================================================================================
-
-
-def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: int, batch_size: int,
-                   device: torch.device, autocast_dtype: torch.dtype | None = None, label: str = "eval") -> dict:
-    """Greedy-decoding accuracy on held-out examples.
-
-    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training
-    rewards; lenient_accuracy: the last number anywhere in the completion equals the answer, which
-    credits a right answer given without the tags.
-    """
-    was_training = model.training
-    model.eval()
-    eos_ids = end_of_sequence_ids(model, tokenizer)
-    generator = data_parallel(GenerateModule(model, max_new_tokens, eos_ids, tokenizer.pad_token_id,
-                                             temperature=None, autocast_dtype=autocast_dtype), device)
-    strict = lenient = 0
-    start_time = time.perf_counter()
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
-        answers = [ex["answer"] for ex in batch]
-        _, _, completion_ids, completion_mask = generate_completions(generator, tokenizer, prompts, 1, eos_ids, device)
-        texts = decode_completions(tokenizer, completion_ids, completion_mask)
-        strict += sum(r > 0 for r in correctness_reward(texts, answers))
-        for text, answer in zip(texts, answers):
-            predicted, expected = extract_last_number(text), extract_single_number(answer)
-            lenient += predicted is not None and predicted == expected
-        done = start + len(batch)
-        print(f"\r{label}: {progress_bar(done, len(examples))} {done}/{len(examples)}  strict {strict / done:.1%}"
-              f"  lenient {lenient / done:.1%}", end="" if done < len(examples) else "\n", flush=True)
-    model.train(was_training)
-    n = max(len(examples), 1)
-    return {"strict_accuracy": strict / n, "lenient_accuracy": lenient / n,
-            "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
+    one process on `device`. bf16: autocast on GPU."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = torch.distributed.get_rank()
+    return Parallel(rank, world_size, device, torch.bfloat16 if bf16 and device.type == "cuda" else None)
 
 
 # ================================================================================================
@@ -862,14 +905,7 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # ================================================================================================
 # A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted
 # job), carry on exactly where it stopped, and not let one NaN destroy the weights. The training loop
-# sees all of this as four calls: RunControl.start, step_record, RunControl.log_step and
-# RunControl.checkpoint_or_stop.
-
-
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-    """A text bar like [#####...............] for done out of total."""
-    filled = int(width * done / max(total, 1))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
+# sees all of this as RunControl.start before its first step and RunControl.end_step after each.
 
 
 def format_seconds(seconds: float) -> str:
@@ -886,43 +922,58 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def step_record(step: int, iteration: int, rewards: torch.Tensor, correctness: torch.Tensor,
-                formatting: torch.Tensor, truncated: torch.Tensor, num_generations: int, update_means: dict,
-                skipped: int, completion_mask: torch.Tensor, attention_mask: torch.Tensor, mu: int,
-                seconds: dict, workers: Workers | None = None) -> dict:
-    """The metrics of one training step, as written to metrics.jsonl (the README's table explains each).
+def remaining_seconds(step_seconds: list[float], steps_left: int) -> float:
+    """The ETA: the median of the last five step times, times the steps left. The first steps (warm-up,
+    compilation, caches filling) are slower than the rest: a mean since the start overestimates."""
+    return statistics.median(step_seconds[-5:]) * steps_left if step_seconds else 0.0
 
-    rewards, correctness, formatting: (N,); truncated: (N,) bool, completions cut at the length limit;
-    update_means: loss, kl, clip ratios, grad_norm averaged over the mu updates; completion_mask (N, T)
-    and attention_mask (N, P + T) count tokens; seconds: the step's rollout, update and total wall time.
-    Under torchrun the per-completion values of every process are gathered (a few numbers each), so
-    the record is the whole step's; the times are this process's.
-    """
-    workers = workers or Workers()
-    per_completion = torch.stack([rewards, correctness, formatting, truncated.float().cpu(),
-                                  completion_mask.sum(dim=1).float().cpu(),
-                                  attention_mask.sum(dim=1).float().cpu()], dim=1)  # (N, 6)
-    rewards, correctness, formatting, truncated, lengths, sequence_lengths = workers.gather(per_completion).T
-    grouped = rewards.reshape(-1, num_generations)  # (B, G)
-    return {
-        "step": step,
-        "iteration": iteration,
-        "reward": rewards.mean().item(),
-        "correctness_reward": correctness.mean().item(),
-        "format_reward": formatting.mean().item(),
-        "reward_std": grouped.std(dim=1).mean().item(),
-        "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
-        **{name: float(value) for name, value in update_means.items()},
-        "skipped_updates": skipped,
-        "completion_length": lengths.mean().item(),
-        "truncated_ratio": truncated.mean().item(),
-        "step_seconds": seconds["step"],
-        "rollout_seconds": seconds["rollout"],
-        "update_seconds": seconds["update"],
-        "tokens_per_second": lengths.sum().item() / seconds["step"],
-        "generation_tokens_per_second": lengths.sum().item() / seconds["rollout"],
-        "train_tokens_per_second": mu * sequence_lengths.sum().item() / seconds["update"],
-    }
+
+def step_line(record: dict, total_steps: int, eta_seconds: float) -> str:
+    """The one line printed per step (at most 120 characters): what tells whether RL is working."""
+    return (f"step {record['step']}/{total_steps} reward {record['reward']:.3f} "
+            f"(correct {record['correctness_reward']:.3f} format {record['format_reward']:.3f}) "
+            f"std {record['reward_std']:.2f} kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} "
+            f"len {record['completion_length']:.0f} {record['step_seconds']:.1f}s eta {format_seconds(eta_seconds)}")
+
+
+def details_line(record: dict) -> str:
+    """A second line (at most 120 characters), every log_completions_steps steps: the diagnostics and
+    where the time went."""
+    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} clip low {record['clip_ratio_low']:.3f} "
+            f"high {record['clip_ratio_high']:.3f} zero-std {record['frac_reward_zero_std']:.2f} truncated "
+            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """values as a line of block characters (their mean over `width` equal stretches), low to high."""
+    blocks = "▁▂▃▄▅▆▇█"
+    try:
+        blocks.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        blocks = "_.-:=+*#"  # a terminal without Unicode
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return ""
+    n = min(width, len(values))
+    chunks = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]  # n non-empty stretches
+    means = [sum(c) / len(c) for c in chunks]
+    low, high = min(means), max(means)
+    return "".join(blocks[int((m - low) / (high - low) * (len(blocks) - 1)) if high > low else 0] for m in means)
+
+
+def print_run_summary(history: list[dict], device: torch.device) -> None:
+    """The run at a glance (reward, correctness, format, KL as sparklines) and where the time went."""
+    if not history:
+        return
+    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"),
+                       ("kl", "kl")):
+        print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
+    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
+    print(f"summary: {len(history)} step{'s' if len(history) > 1 else ''}, {mean['step_seconds']:.2f} s/step = rollout "
+          f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring; "
+          f"generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
+          f"{mean['train_tokens_per_second']:.0f} tok/s; peak memory {peak_memory_mib(device):.0f} MiB "
+          f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -1013,57 +1064,38 @@ def keep_metrics_up_to(metrics_path: str, step: int) -> None:
     os.replace(metrics_path + ".tmp", metrics_path)
 
 
-class TrainingStopped(Exception):
-    """Training ended early with a checkpoint: by a signal (signum set) or by repeated non-finite updates."""
+class Stopped(Exception):
+    """The run ends early: by a signal (signum), or after repeated non-finite updates (signum None).
+    The message says what was saved; main() adds the command that carries on."""
 
-    def __init__(self, message: str, checkpoint: str | None, signum: int | None = None):
+    def __init__(self, message: str, signum: int | None = None):
         super().__init__(message)
-        self.checkpoint, self.signum = checkpoint, signum
-
-
-class Interrupted(Exception):
-    """A signal stopped the run outside training (loading, evaluation), where nothing is half done."""
-
-    def __init__(self, signum: int, where: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.signum = signum
 
 
 class StopRequest:
     """The handler of SIGINT (Ctrl-C) and SIGTERM (a job being pre-empted).
 
-    While training (inside `deferred()`), a first signal is only recorded: the loop finishes its step,
-    saves a checkpoint and stops; a second one quits at once without saving (KeyboardInterrupt).
-    Anywhere else (loading, evaluation) the first signal stops the run at once (Interrupted): nothing
-    there is worth finishing, and evaluation can be run again.
+    While training (from RunControl.start until the final model is saved) a first signal is only
+    recorded: the loop finishes its step, saves a checkpoint and stops; a second one quits at once
+    without saving (KeyboardInterrupt). Anywhere else (loading, evaluation) the first signal stops the
+    run at once (Stopped): nothing there is worth finishing, and an evaluation can be run again.
     """
 
     def __init__(self, repeat_quits: bool = True):
         # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
         # it kills its workers itself if they have not stopped after its shutdown timeout (30 s).
-        self.signum, self.deferring, self.repeat_quits = None, False, repeat_quits
-        self.where = "while loading"  # what the run is doing, for the message (run() keeps it up to date)
-
-    def is_set(self) -> bool:
-        return self.signum is not None
-
-    @contextmanager
-    def deferred(self):
-        """Signals during this block let the current training step finish and save."""
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
+        self.signum, self.training, self.repeat_quits = None, False, repeat_quits
+        self.where = "while loading"  # what the run is doing, for the message (Session keeps it up to date)
 
     def __call__(self, signum: int, frame) -> None:
-        if self.is_set():
-            if self.deferring and self.repeat_quits:
+        if self.signum is not None:
+            if self.training and self.repeat_quits:
                 raise KeyboardInterrupt
             return  # the run is already on its way out
         self.signum = signum
-        if not self.deferring:
-            raise Interrupted(signum, self.where)
+        if not self.training:
+            raise Stopped(f"stopped by {signal.Signals(signum).name} {self.where}", signum)
         again = "send it again to quit at once, without saving" if self.repeat_quits else "torchrun ends it"
         message = f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint ({again})\n"
         try:  # straight to the file: the signal may have interrupted a print, which print cannot re-enter
@@ -1072,18 +1104,10 @@ class StopRequest:
             print(message, end="", flush=True)
 
 
-def is_finite_update(grad_norm: torch.Tensor, loss: torch.Tensor | float) -> bool:
-    """False when the loss or the gradient norm is NaN or inf: that update must be skipped, since one
-    optimizer step with it would poison the weights and the AdamW moments for good (one host sync).
-    Under torchrun both are the same on every process (averaged), so all skip or none does."""
-    return bool(torch.isfinite(grad_norm).all()) and math.isfinite(float(loss))
-
-
 @dataclass
 class RunControl:
     """Everything about a run that is not GRPO: where its outputs go, when it saves checkpoints, what it
-    carries on from, and when it must stop. train_with_grpo calls log_step and checkpoint_or_stop once
-    per step.
+    carries on from, and when it must stop. train_with_grpo calls start once and end_step after each step.
 
     output_dir: checkpoints go here (None: no checkpoints); metrics_path: one JSON line per step (None:
     none); save_steps: a checkpoint every this many steps (0: only at the end or when stopping early);
@@ -1099,20 +1123,26 @@ class RunControl:
     log_completions_steps: int = 0
     resume: dict | None = None
     stop: StopRequest | None = None
-    workers: Workers = field(default_factory=Workers)  # under torchrun: all processes stop and save together
+    parallel: Parallel = field(default_factory=Parallel)  # under torchrun: all processes stop and save together
     bad_steps: int = 0  # steps in a row with a skipped update
     step_seconds: list = field(default_factory=list)  # of the steps this process ran, for the ETA
+    total_steps: int = 0
+    mu: int = 1
 
-    def start(self, optimizer, policy: nn.Module, amp_dtype: torch.dtype | None, beta: float, total_steps: int):
+    def start(self, optimizer, policy: nn.Module, amp_dtype: torch.dtype | None, beta: float, total_steps: int,
+              mu: int = 1):
         """The step to start from and the reference model to start with: (0, None) for a new run;
         for a resumed one, the checkpoint's step, optimizer state, RNG, counters and reference model."""
+        self.total_steps, self.mu = total_steps, mu
+        if self.stop is not None:
+            self.stop.training = True  # a signal now lets the step finish and save
         state, self.resume = self.resume, None  # dropped once used: the optimizer state is large
         if state is None:
             return 0, None
         optimizer.load_state_dict(state.pop("optimizer"))
         restore_rng(state["rng"])
         self.bad_steps = state["bad_steps"]
-        if self.metrics_path and self.workers.is_main:
+        if self.metrics_path and self.parallel.is_main:
             keep_metrics_up_to(self.metrics_path, state["step"])
         reference = None
         if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
@@ -1124,107 +1154,46 @@ class RunControl:
         print(f"resumed from {state['path']} at step {state['step']}/{total_steps}")
         return state["step"], reference
 
-    def log_step(self, record: dict, total_steps: int, mu: int, sample: tuple[str, str, str, float]) -> None:
-        """Print the step's line (every log_completions_steps steps also a line of details and a sample
-        completion) and append the record to metrics.jsonl."""
+    def end_step(self, record: dict, sample: tuple[str, str, str, float], policy, tokenizer, optimizer,
+                 reference) -> None:
+        """After each step: print its line (every log_completions_steps steps also a line of details and
+        a sample completion: question, text, answer, reward), append it to metrics.jsonl, save a checkpoint
+        when one is due or when the run must stop (a signal, or max_bad_steps steps in a row with a
+        skipped update), and then raise Stopped if it must."""
+        step, skipped = record["step"], record["skipped_updates"]
         self.step_seconds.append(record["step_seconds"])
-        if self.metrics_path and self.workers.is_main:
+        if self.metrics_path and self.parallel.is_main:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 # json has no NaN: a skipped update's loss is written as null
                 f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                     for k, v in record.items()}) + "\n")
-        step, skipped = record["step"], record["skipped_updates"]
-        eta = remaining_seconds(self.step_seconds, total_steps - step)
-        print(step_line(record, total_steps, eta), flush=True)
+        print(step_line(record, self.total_steps, remaining_seconds(self.step_seconds, self.total_steps - step)),
+              flush=True)
         if skipped:
-            print(f"  SKIPPED {skipped}/{mu} non-finite updates of step {step} (the loss or gradient norm was NaN/inf)",
-                  flush=True)
+            print(f"  SKIPPED {skipped}/{self.mu} non-finite updates of step {step} (the loss or "
+                  "gradient norm was NaN/inf)", flush=True)
         if self.log_completions_steps and step % self.log_completions_steps == 0:
             question, text, answer, reward = sample
             print(details_line(record), flush=True)
             print(f"--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n>>> {text}\n---", flush=True)
 
-    def checkpoint_or_stop(self, step: int, total_steps: int, skipped: int, policy, tokenizer, optimizer,
-                           reference) -> None:
-        """After step `step` (1-based): save a checkpoint when one is due, or when the run must stop
-        (a signal, or max_bad_steps steps in a row with a skipped update); then raise TrainingStopped
-        if it must."""
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         # Under torchrun a signal may reach the processes at different moments: all stop if one got it.
-        signum = self.workers.maximum(self.stop.signum or 0 if self.stop is not None else 0) or None
+        signum = self.parallel.maximum(self.stop.signum or 0 if self.stop is not None else 0) or None
         must_stop = self.bad_steps >= self.max_bad_steps or signum is not None
-        due = (self.save_steps and step % self.save_steps == 0) or step == total_steps
-        path = None
-        if self.output_dir and (must_stop or due):
-            path = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{step}")
-            if self.workers.is_main:  # one writer; the others wait for it
+        saved = "nothing new to save"
+        if self.output_dir and (must_stop or (self.save_steps and step % self.save_steps == 0)
+                                or step == self.total_steps):
+            if self.parallel.is_main:  # one writer; the others wait for it
                 save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
                                 {"bad_steps": self.bad_steps}, self.save_total_limit)
-            self.workers.barrier()
+            self.parallel.barrier()
+            saved = f"checkpoint saved in {os.path.join(self.output_dir, f'{CHECKPOINT_PREFIX}{step}')}"
         if self.bad_steps >= self.max_bad_steps:
-            raise TrainingStopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the "
-                                  "last good weights are kept); lower --learning_rate or check the data", path)
+            raise Stopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the last "
+                          f"good weights are kept); lower --learning_rate or check the data; {saved}")
         if signum is not None:
-            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} after step {step}", path, signum)
-
-
-def remaining_seconds(step_seconds: list[float], steps_left: int) -> float:
-    """The ETA: the median of the last five step times, times the steps left. The first steps (warm-up,
-    compilation, caches filling) are slower than the rest: a mean since the start overestimates."""
-    return statistics.median(step_seconds[-5:]) * steps_left if step_seconds else 0.0
-
-
-def step_line(record: dict, total_steps: int, eta_seconds: float) -> str:
-    """The one line printed per step (at most 120 characters): what tells whether RL is working."""
-    return (f"step {record['step']}/{total_steps} reward {record['reward']:.3f} "
-            f"(correct {record['correctness_reward']:.3f} format {record['format_reward']:.3f}) "
-            f"std {record['reward_std']:.2f} kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} "
-            f"len {record['completion_length']:.0f} {record['step_seconds']:.1f}s eta {format_seconds(eta_seconds)}")
-
-
-def details_line(record: dict) -> str:
-    """A second line (at most 120 characters), every log_completions_steps steps: the diagnostics and
-    where the time went."""
-    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} clip low {record['clip_ratio_low']:.3f} "
-            f"high {record['clip_ratio_high']:.3f} zero-std {record['frac_reward_zero_std']:.2f} truncated "
-            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
-
-
-def sparkline(values: list[float], width: int = 40) -> str:
-    """values as a line of block characters (their mean over `width` equal stretches), low to high."""
-    blocks = "▁▂▃▄▅▆▇█"
-    try:
-        blocks.encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        blocks = "_.-:=+*#"  # a terminal without Unicode
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return ""
-    n = min(width, len(values))
-    chunks = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]  # n non-empty stretches
-    means = [sum(c) / len(c) for c in chunks]
-    low, high = min(means), max(means)
-    return "".join(blocks[int((m - low) / (high - low) * (len(blocks) - 1)) if high > low else 0] for m in means)
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 step', '2 steps'."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def print_run_summary(history: list[dict], device: torch.device) -> None:
-    """The run at a glance (reward, correctness, format, KL as sparklines) and where the time went."""
-    if not history:
-        return
-    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"),
-                       ("kl", "kl")):
-        print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
-    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
-    print(f"summary: {plural(len(history), 'step')}, {mean['step_seconds']:.2f} s/step = rollout "
-          f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring; "
-          f"generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
-          f"{mean['train_tokens_per_second']:.0f} tok/s; peak memory {peak_memory_mib(device):.0f} MiB "
-          f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
+            raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}; {saved}", signum)
 
 
 # ================================================================================================
@@ -1286,13 +1255,13 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     pi_old is then the policy itself, and this pass's own detached log-probs serve as old_log_probs
     (rho = 1), with no extra forward pass.
 
-    log_prob_fn(input_ids, attention_mask, T) -> (n, T), e.g. a DataParallel-wrapped LogProbModule;
+    log_prob_fn(input_ids, attention_mask, T) -> (n, T): the policy's log-probs, with gradient, e.g.
+    functools.partial(compute_log_probs, policy, temperature=T) (Parallel passes a LogProbModule);
     input_ids, attention_mask: (N, P + T); completion_mask (the tokens that get a loss), old and ref
     log-probs: (N, T); advantages: (N, 1); variant: grpo_loss's epsilon_high, loss_type,
     importance_sampling_level, max_completion_length. batch_tokens: the token count "dapo" divides by
-    (default: completion_mask.sum(); under torchrun the count over all processes / their number).
-    no_sync: under torchrun, DistributedDataParallel's no_sync, so that the gradients are averaged over
-    the processes once per update (with the last micro-batch) rather than after every micro-batch.
+    (default: completion_mask.sum()). no_sync: DistributedDataParallel's, so that the gradients are
+    averaged over the processes once per update (with the last micro-batch), not after each one.
     Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached;
     the metrics are means over sequences whatever the loss type).
     Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, micro_batches.
@@ -1324,59 +1293,77 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     return log_probs_seen, totals
 
 
+def step_metrics(rewards: torch.Tensor, correctness: torch.Tensor, formatting: torch.Tensor,
+                 truncated: torch.Tensor, completion_mask: torch.Tensor, attention_mask: torch.Tensor,
+                 num_generations: int, updates: list[dict], seconds: dict) -> dict:
+    """The numbers that tell whether RL is working, for one step (the README's table explains each).
+
+    rewards, correctness, formatting: (N,), r_i and its two parts; truncated: (N,) bool, completions cut
+    at the length limit; completion_mask (N, T) and attention_mask (N, P + T) count tokens; updates: one
+    dict per policy update (loss, kl, clip ratios, grad_norm, skipped); seconds: the step's rollout,
+    update and total wall time. A skipped update's loss is NaN, and so is the step's mean loss.
+    """
+    grouped = rewards.view(-1, num_generations)  # (B, G)
+    lengths = completion_mask.sum(dim=1).float()  # (N,)
+    means = {name: sum(float(u[name]) for u in updates) / len(updates) for name in updates[0] if name != "skipped"}
+    return {
+        "reward": rewards.mean().item(),
+        "correctness_reward": correctness.mean().item(),
+        "format_reward": formatting.mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
+        **means,
+        "skipped_updates": sum(u["skipped"] for u in updates),
+        "completion_length": lengths.mean().item(),
+        "truncated_ratio": truncated.float().mean().item(),
+        "step_seconds": seconds["step"],
+        "rollout_seconds": seconds["rollout"],
+        "update_seconds": seconds["update"],
+        "tokens_per_second": lengths.sum().item() / seconds["step"],
+        "generation_tokens_per_second": lengths.sum().item() / seconds["rollout"],
+        "train_tokens_per_second": len(updates) * attention_mask.sum().item() / seconds["update"],
+    }
+
+
 def train_with_grpo(
     policy: nn.Module, tokenizer, examples: list[dict], *,
     num_iterations: int = 1, num_steps: int = 500, batch_size: int = 7, num_generations: int = 4, mu: int = 3,
-    max_completion_length: int = 400, temperature: float = 1.0,
-    beta: float = 0.04, epsilon: float = 0.2,
+    max_completion_length: int = 400, temperature: float = 1.0, beta: float = 0.04, epsilon: float = 0.2,
     learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
     micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
     scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
     importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
-    run: RunControl | None = None,
+    parallel: Parallel | None = None, run: RunControl | None = None,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step.
 
-    num_iterations outer iterations, each starting with a fresh reference model copied from the current
-    policy; num_steps steps each of batch_size prompts x num_generations completions; mu AdamW updates
-    per step, pi_old being the policy that sampled the step's completions. The loss forward/backward
-    runs micro_batch_size sequences per GPU at a time with gradients accumulated, so one update equals
-    the full-batch one without holding (N, T, V) logits. bf16 autocast applies on GPU only.
-    scale_rewards, loss_type, epsilon_high, importance_sampling_level: the GRPO variants (see
-    compute_group_advantages and grpo_loss); mask_truncated_completions: DAPO's overlong filtering, no
-    loss for a completion cut at max_completion_length. The defaults are DeepSeekMath's GRPO.
-    run (engineering section C) says where metrics and checkpoints go, what to resume from and when to
-    stop; without it, nothing is written.
+    num_iterations outer iterations, each starting with a fresh reference model copied from the policy;
+    num_steps steps each of batch_size prompts x num_generations completions; mu AdamW updates per step,
+    pi_old being the policy that sampled the step's completions; micro_batch_size sequences per forward
+    and backward pass, gradients accumulated; bf16: autocast and a bf16 reference model, on GPU only.
+    The variants (defaults: DeepSeekMath's GRPO) are those of compute_group_advantages and grpo_loss;
+    mask_truncated_completions: DAPO's overlong filtering, no loss for a completion cut at the limit.
+    parallel spreads the work over GPUs and processes (section B); run writes metrics and checkpoints,
+    resumes and stops (section C). Without them: one process, nothing written.
     """
-    run = run or RunControl()
-    workers = run.workers  # this process among the processes of a torchrun run (section B); one without
     device = next(policy.parameters()).device
     amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    parallel = parallel or Parallel(device=device, autocast_dtype=amp_dtype)
+    run = run or RunControl()
     eos_ids = end_of_sequence_ids(policy, tokenizer)
-    # The policy behind the wrappers that spread its work over the GPUs (section B): one samples, one scores.
-    generator = data_parallel(GenerateModule(policy, max_completion_length, eos_ids, tokenizer.pad_token_id,
-                                             temperature, amp_dtype), device)
-    trained = distributed_data_parallel(policy, device)  # the policy itself without torchrun
-    policy_log_probs = data_parallel(LogProbModule(trained, temperature, amp_dtype), device)
-    no_sync = trained.no_sync if trained is not policy else None
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
-    chunk = micro_batch_size * num_data_parallel_devices(device)  # DataParallel gives each GPU micro_batch_size
-    prompts_here = batch_size // workers.world_size  # this process's share of each step's prompts
-    total_steps, history = num_iterations * num_steps, []
     variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
                    max_completion_length=max_completion_length)  # grpo_loss's variant arguments
-    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps)  # (0, None) unless resumed
+    total_steps, history = num_iterations * num_steps, []
+    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # (0, None) unless resumed
 
     for step in range(first_step, total_steps):  # step: 0-based global step
-        step_start = time.perf_counter()
+        started = time.perf_counter()
         # 1) Take B prompts. An iteration starts with a new reference model pi_ref: a frozen copy of the
         #    policy as it is now, which the KL term keeps the policy close to (none is needed when beta = 0).
-        starts_iteration = step % num_steps == 0
-        if beta != 0.0 and starts_iteration:
+        if beta != 0.0 and step % num_steps == 0:
             reference = make_reference_model(policy, amp_dtype)
-        # (under torchrun this process's share of the B prompts; one process takes them all)
-        indices = batch_indices(step, batch_size, len(examples), seed)[workers.own(prompts_here)]
-        batch = [examples[i] for i in indices]
+        batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
         prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
         answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
 
@@ -1384,73 +1371,60 @@ def train_with_grpo(
         #    this step. eval() turns off dropout and gradient checkpointing while generating.
         policy.eval()
         prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
-            generator, tokenizer, prompts, num_generations, eos_ids, device, workers)  # (N, P), (N, P), (N, T), (N, T)
+            policy, tokenizer, prompts, num_generations, max_completion_length, temperature, eos_ids,
+            generate=parallel.generate)  # engineering B: sample_sequences, spread over GPUs and processes
         texts = decode_completions(tokenizer, completion_ids, completion_mask)
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T): what the log-prob passes read
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
-        rollout_seconds = time.perf_counter() - step_start
+        rollout_seconds = time.perf_counter() - started
 
         # 3) Score: each completion's reward r_i, then its advantage A_i relative to its own group.
         correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
         formatting = torch.tensor(format_reward(texts))  # (N,)
         rewards = correctness + formatting  # (N,): r_i, as combined_reward defines it
-        # (under torchrun the advantages are computed from every process's rewards, so that "batch"
-        #  scaling sees the whole step, and each process keeps its own rows; one process: just these)
-        all_rewards = workers.gather(rewards)  # (N,), or (B * G,) over all processes
-        advantages = compute_group_advantages(all_rewards, num_generations, scale_rewards)
-        advantages = advantages[workers.own(len(rewards))].to(device)  # (N, 1)
+        advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
         truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
         loss_mask = completion_mask  # (N, T): the tokens that get a loss
         if mask_truncated_completions:  # DAPO's overlong filtering: an unfinished completion gets none
             loss_mask = completion_mask * ~truncated.unsqueeze(1)  # (N, T)
-        # "dapo" averages over the step's tokens: under torchrun those of every process (section B).
-        batch_tokens = float(workers.mean({"tokens": loss_mask.sum()})["tokens"])
 
-        # 4) The reference model's log-probs of the same tokens, once per step (no gradient): the KL anchor.
+        # 4) The reference model's log-probs of the same tokens, once per step: the KL anchor.
         ref_log_probs = None
-        if reference is not None:
-            reference_log_probs = data_parallel(LogProbModule(reference, temperature, amp_dtype), device)
-            with torch.no_grad():
-                ref_log_probs = torch.cat([reference_log_probs(input_ids[c], attention_mask[c], completion_ids.size(1))
-                                           for c in micro_batches(input_ids.size(0), chunk)])  # (N, T)
+        if reference is not None:  # engineering B: compute_log_probs in micro-batches, no gradient
+            ref_log_probs = parallel.log_probs(reference, input_ids, attention_mask, completion_ids.size(1),
+                                               temperature, micro_batch_size)  # (N, T)
 
         # 5) mu policy updates on this one batch of rollouts. pi_old stays the policy that sampled them:
         #    the first update computes its log-probs anyway (the policy has not moved yet), so those,
         #    detached, are recorded as old_log_probs for the updates after it: no extra forward pass.
         update_start = time.perf_counter()
         policy.train()
-        old_log_probs, skipped, update_means = None, 0, {}  # None: the first update uses its own log-probs
+        old_log_probs, updates = None, []  # None: the first update uses its own log-probs
         for update in range(mu):
-            log_probs, totals = accumulate_grpo_gradients(
-                policy_log_probs, input_ids, attention_mask, loss_mask, advantages, old_log_probs, ref_log_probs,
-                chunk, beta, epsilon, batch_tokens, no_sync, **variant)  # log_probs: (N, T), detached
+            log_probs, totals = parallel.accumulate_grpo_gradients(  # engineering B: on this process's rows
+                policy, input_ids, attention_mask, loss_mask, advantages, old_log_probs, ref_log_probs,
+                micro_batch_size, beta, epsilon, temperature, **variant)  # log_probs: (N, T), detached
             if update == 0:
                 old_log_probs = log_probs  # log pi_old, recorded by the first update
-            totals = workers.mean(totals)  # the whole step's loss and metrics (under torchrun, all processes')
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-            if is_finite_update(grad_norm, totals["loss"]):  # a NaN/inf update is skipped (section C)
+            # A NaN or inf would poison the weights and AdamW's moments for good: skip that update.
+            skipped = not (torch.isfinite(grad_norm).item() and math.isfinite(totals["loss"]))
+            if not skipped:
                 optimizer.step()
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=no_sync is None)  # under DDP the gradients stay in its buckets
-            for name, value in {**totals, "grad_norm": grad_norm}.items():
-                update_means[name] = update_means.get(name, 0.0) + value / mu
+            optimizer.zero_grad(set_to_none=False)  # keeps the gradients' memory (under DDP: its buckets)
+            updates.append({**totals, "grad_norm": grad_norm.item(), "skipped": skipped})
 
-        # 6) Log: the step's numbers, printed and appended to metrics.jsonl.
+        # 6) Log the step, save a checkpoint when one is due, and stop here if a signal or faults ask for it.
         now = time.perf_counter()
-        seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - step_start}
-        record = step_record(step + 1, step // num_steps + 1, rewards, correctness, formatting, truncated,
-                             num_generations, update_means, skipped, completion_mask, attention_mask, mu, seconds,
-                             workers)
-        history.append(record)
-        run.log_step(record, total_steps, mu, sample=(batch[0]["question"], texts[0], answers[0], rewards[0].item()))
+        seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - started}
+        history.append({"step": step + 1, "iteration": step // num_steps + 1, **step_metrics(
+            rewards, correctness, formatting, truncated, completion_mask, attention_mask, num_generations, updates,
+            seconds)})
+        run.end_step(history[-1], (batch[0]["question"], texts[0], answers[0], rewards[0].item()),
+                     policy, tokenizer, optimizer, reference)  # engineering C: print, metrics.jsonl, checkpoint
 
-        # 7) Save a checkpoint when one is due, and stop here if a signal or repeated faults asked for it.
-        run.checkpoint_or_stop(step + 1, total_steps, skipped, policy, tokenizer, optimizer, reference)
-
-    print_run_summary(history, device)
+    print_run_summary(history, device)  # engineering C: sparklines and where the time went
     return history
-
 
 
 # ================================================================================================
@@ -1673,6 +1647,178 @@ def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | 
     write_json(path, record)
 
 
+def what_to_run_next(args: argparse.Namespace) -> str:
+    """After a stop: the command that carries on (or starts again), for the last line printed."""
+    checkpoints = list_checkpoints(args.output_dir)
+    if not checkpoints:
+        return "no checkpoint was saved: run the same command again to start over"
+    without = " without --overwrite_output_dir and" if args.overwrite_output_dir else ""
+    return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with --resume_from latest"
+
+
+def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
+    """Create --output_dir (only once everything has loaded: a run that fails to start leaves nothing
+    behind), clear an earlier attempt's files for a new run, and record the flags in args.json."""
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if resume is None:
+            clear_previous_run(args.output_dir)
+        record_args(args.output_dir, args, resume)
+    except OSError as e:
+        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
+
+
+class Session:
+    """Everything main() does besides load, evaluate, train, save, evaluate: the processes (torchrun),
+    the signal handler, resume, the output folder, eval.json, and one line and an exit code for each way
+    a run ends early: 1 for bad input or a non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for
+    an interrupted one, every message naming the command that carries on. Under torchrun process 0
+    alone prints (the others exit with the same code)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.evaluation, self.trained, self.resumed = args, {}, False, False
+        self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for one process
+        self.quiet = int(os.environ.get("RANK", "0")) != 0
+        self.stop = StopRequest(repeat_quits=not self.under_torchrun)
+        self.parallel = Parallel()
+
+    def __enter__(self) -> "Session":
+        self.previous = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def load(self) -> tuple:
+        """Seed, join torchrun's processes, load the data, the model (a resumed run: its checkpoint's) and
+        the resume state, then prepare --output_dir. Returns policy, tokenizer, training and evaluation
+        examples. Any process's DataError ends every process, and a failed start leaves nothing behind."""
+        args = self.args
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)  # also seeds every CUDA device
+        self.parallel = parallel = start_parallel(resolve_device(args.device), args.bf16)
+        if not parallel.is_main:
+            sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
+        transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
+        error = resume = None
+        try:
+            train_examples = load_gsm8k(args.dataset, "train")
+            eval_examples = []
+            if args.eval_size:
+                if args.eval_dataset is None and looks_local(args.dataset):
+                    raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
+                eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
+            resume_from = checkpoint_to_resume(args)
+            policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, parallel.device)
+            resume = load_training_state(resume_from, parallel.device) if resume_from else None
+        except DataError as e:
+            error = str(e)
+        parallel.check(error)
+        try:
+            if parallel.is_main:
+                prepare_output_dir(args, resume)
+        except DataError as e:
+            error = str(e)
+        parallel.check(error)
+        if args.gradient_checkpointing:
+            # Recompute activations during backward; transformers applies it only in train mode, and the
+            # loop switches to eval mode for generation, so rollouts keep their full speed.
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gpus = torch.cuda.device_count() if parallel.device.type == "cuda" else 0
+        if parallel.world_size > 1:
+            print(f"torchrun: {parallel.world_size} processes ({torch.distributed.get_backend()}), "
+                  f"process 0 on {parallel.device}")
+        else:
+            print(f"device {parallel.device} ({gpus} GPU(s) via DataParallel)" if gpus else "device cpu (float32)")
+        print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
+              f"model {args.model_name} ({format_count(sum(p.numel() for p in policy.parameters()))} parameters)")
+        total_steps = args.num_iterations * args.num_steps
+        if resume and resume["step"] >= total_steps:
+            print(f"this run is finished ({resume['step']}/{total_steps} steps); to train it further, run the same "
+                  "command with a larger --num_steps (steps count from the start of the run)")
+        eval_path = os.path.join(args.output_dir, "eval.json")
+        if resume and os.path.exists(eval_path):  # the "before" evaluation is kept from the first start
+            with open(eval_path, encoding="utf-8") as f:
+                self.evaluation = json.load(f)
+        self.stop.where = f"before step {resume['step'] + 1 if resume else 1}"
+        self.resumed = resume is not None
+        self.run = RunControl(
+            output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
+            save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
+            log_completions_steps=args.log_completions_steps, resume=resume, stop=self.stop, parallel=parallel)
+        return policy, tokenizer, train_examples, eval_examples  # RunControl lets go of the resume state once used
+
+    def evaluate(self, when: str, policy, tokenizer, examples: list[dict]) -> None:
+        """The "before" or "after" evaluation (every process takes part), written to eval.json. "before"
+        is kept from a resumed run's first start; "after" is run when this run trained or lacks one."""
+        done = self.resumed if when == "before" else (not self.trained and "after" in self.evaluation)
+        if not examples or done:
+            return
+        self.evaluation[when] = evaluate_model(policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
+                                               batch_size=self.args.eval_batch_size, label=f"eval {when}",
+                                               generate=self.parallel.generate)
+        if self.parallel.is_main:
+            write_json(os.path.join(self.args.output_dir, "eval.json"), self.evaluation)
+        if when == "after" and "before" in self.evaluation:
+            before, after = self.evaluation["before"], self.evaluation["after"]
+            print(f"accuracy before -> after: strict {before['strict_accuracy']:.1%} -> {after['strict_accuracy']:.1%}"
+                  f", lenient {before['lenient_accuracy']:.1%} -> {after['lenient_accuracy']:.1%}")
+
+    def save(self, policy, tokenizer, history: list[dict]) -> None:
+        """Save the final model (still under the training signal rule), then stop if a signal came meanwhile."""
+        out = self.args.output_dir
+        if self.parallel.is_main and (history or not finished_model_in(out)):
+            policy.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            print(f"saved the trained model and tokenizer to {out}")
+        self.parallel.barrier()
+        self.trained, self.stop.training = bool(history), False
+        self.stop.where = "during the evaluation after training (the trained model is saved)"
+        if self.stop.signum is not None:  # a signal while the final model was being saved
+            raise Stopped(f"stopped by {signal.Signals(self.stop.signum).name} {self.stop.where}", self.stop.signum)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if error is None:
+            self.parallel.barrier()  # no process tears down the process group while another still uses it
+            return False
+        carry_on = what_to_run_next(self.args)
+        if isinstance(error, (DataError, FloatingPointError)):
+            raise SystemExit(1 if self.quiet and getattr(error, "shared", False) else f"error: {error}")
+        if isinstance(error, Stopped) and error.signum is None:  # repeated non-finite updates
+            raise SystemExit(1 if self.quiet else f"error: {error}; {carry_on} once the cause is fixed")
+        if isinstance(error, Stopped):
+            code, message = 128 + error.signum, f"{error}; {carry_on}"
+        elif isinstance(error, KeyboardInterrupt):  # a second Ctrl-C during training: the user wants out now
+            code, message = 128 + signal.SIGINT, f"interrupted; quit without saving; {carry_on}"
+        elif isinstance(error, RuntimeError) and self.under_torchrun and self.stop.signum is not None:
+            # a collective whose peer has already stopped
+            code, message = 128 + self.stop.signum, f"stopped by {signal.Signals(self.stop.signum).name}; {carry_on}"
+        else:
+            return False
+        if not self.quiet:
+            print(message, file=sys.stderr)
+        raise SystemExit(code)
+
+
+def exit_process(code: int | str | None) -> None:
+    """End the process as sys.exit(code) would (a message is printed and gives status 1). Under
+    torchrun, without Python's teardown once the outputs are flushed: DistributedDataParallel leaves
+    the process group's threads behind (its autograd hooks keep them, whatever is deleted), and gloo
+    aborts the process now and then when they are destroyed at interpreter exit, after all the work."""
+    if not torch.distributed.is_initialized():
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    torch.distributed.destroy_process_group()
+    os._exit(code or 0)
+
+
+# ================================================================================================
+# 9. The command line
+# ================================================================================================
+
 def _number_type(kind, name: str, check, requirement: str):
     """An argparse type that converts with `kind` and rejects values failing `check`."""
     def parse(text: str):
@@ -1694,47 +1840,6 @@ positive_float = _number_type(float, "positive_float", lambda v: v > 0 and math.
 non_negative_float = _number_type(float, "non_negative_float", lambda v: v >= 0 and math.isfinite(v), "0 or more")
 open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "strictly between 0 and 1")
 
-
-def what_to_run_next(args: argparse.Namespace) -> str:
-    """After a stop: the command that carries on (or starts again), for the last line printed."""
-    checkpoints = list_checkpoints(args.output_dir)
-    if not checkpoints:
-        return "no checkpoint was saved: run the same command again to start over"
-    without = " without --overwrite_output_dir and" if args.overwrite_output_dir else ""
-    return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with --resume_from latest"
-
-
-def load_run(args: argparse.Namespace, device: torch.device) -> tuple:
-    """What a run starts from: training and evaluation examples, the checkpoint to resume (or None),
-    the policy and tokenizer, and the checkpoint's training state (or None). Raises DataError."""
-    train_examples = load_gsm8k(args.dataset, "train")
-    eval_examples = []
-    if args.eval_size:
-        if args.eval_dataset is None and looks_local(args.dataset):
-            raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
-        eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
-    resume_from = checkpoint_to_resume(args)
-    # A resumed run loads the weights of its checkpoint; the optimizer, RNG and counters follow in the loop.
-    policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, device)
-    resume = load_training_state(resume_from, device) if resume_from else None
-    return train_examples, eval_examples, resume_from, policy, tokenizer, resume
-
-
-def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
-    """Create --output_dir (only once everything has loaded: a run that fails to start leaves nothing
-    behind), clear an earlier attempt's files for a new run, and record the flags in args.json."""
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if resume is None:
-            clear_previous_run(args.output_dir)
-        record_args(args.output_dir, args, resume)
-    except OSError as e:
-        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
-
-
-# ================================================================================================
-# 9. The command line
-# ================================================================================================
 
 EXAMPLES = """examples:
   # CPU smoke run with a small real model (downloads it once)
@@ -1858,158 +1963,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse, run, and turn expected failures into one line and an exit code: 1 for bad input or a
-    non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for an interrupted one. Every message
-    after a stop names the command that carries on (or starts again). Under torchrun process 0 alone
-    prints them (the others exit with the same code)."""
+    """The notebook's last cell: load the model and the data, evaluate, train with GRPO, save, evaluate
+    again. Session (engineering D) carries what a real run needs around it: torchrun, signals, resume,
+    the output folder, and one line and an exit code for whatever stops the run."""
     args = parse_args(argv)
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for a single process
-    quiet = int(os.environ.get("RANK", "0")) != 0
-
-    def say(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr)
-
-    stop = StopRequest(repeat_quits=not under_torchrun)
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return run(args, stop)
-    except (DataError, NonFiniteError) as e:
-        if quiet and getattr(e, "shared", False):  # process 0 says it
-            sys.exit(1)
-        sys.exit(f"error: {e}")
-    except TrainingStopped as e:
-        where = f"checkpoint saved in {e.checkpoint}" if e.checkpoint else "nothing new to save"
-        if e.signum is None:  # non-finite updates
-            sys.exit(1 if quiet else f"error: {e}; {where}; {what_to_run_next(args)} once the cause is fixed")
-        say(f"{e}; {where}; {what_to_run_next(args)}")
-        sys.exit(128 + e.signum)
-    except Interrupted as e:  # during loading or evaluation
-        say(f"{e}; {what_to_run_next(args)}")
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # a second Ctrl-C during training: the user wants out now
-        say(f"interrupted; quit without saving; {what_to_run_next(args)}")
-        sys.exit(128 + signal.SIGINT)
-    except RuntimeError:
-        if under_torchrun and stop.is_set():  # a collective whose peer has already stopped
-            say(f"stopped by {signal.Signals(stop.signum).name}; {what_to_run_next(args)}")
-            sys.exit(128 + stop.signum)
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def exit_process(code: int | str | None) -> None:
-    """End the process as sys.exit(code) would (a message is printed and gives status 1). Under
-    torchrun, without Python's teardown once the outputs are flushed: DistributedDataParallel leaves
-    the process group's threads behind (its autograd hooks keep them, whatever is deleted), and gloo
-    aborts the process now and then when they are destroyed at interpreter exit, after all the work."""
-    if not torch.distributed.is_initialized():
-        sys.exit(code)
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    torch.distributed.destroy_process_group()
-    os._exit(code or 0)
-
-
-
-def run(args: argparse.Namespace, stop: StopRequest | None = None) -> list[dict]:
-    """Everything main() does after parsing: load, evaluate, train (or resume), save, evaluate."""
-    stop = stop or StopRequest()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # also seeds every CUDA device
-    workers, device = start_workers(resolve_device(args.device))
-    if not workers.is_main:
-        sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
-    transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
-
-    # Data, model and output folder. A signal here stops at once; an error leaves nothing behind, and
-    # under torchrun an error met by any process ends every process (workers.check).
-    error = None
-    try:
-        train_examples, eval_examples, resume_from, policy, tokenizer, resume = load_run(args, device)
-    except DataError as e:
-        error = str(e)
-    workers.check(error)
-    try:
-        if workers.is_main:
-            prepare_output_dir(args, resume)
-    except DataError as e:
-        error = str(e)
-    workers.check(error)
-    if args.gradient_checkpointing:
-        # Recompute activations during backward; transformers applies it only in train mode, and the
-        # loop switches to eval mode for generation, so rollouts keep their full speed.
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    amp_dtype = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
-    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    if workers.world_size > 1:
-        print(f"torchrun: {workers.world_size} processes ({torch.distributed.get_backend()}), process 0 on {device}")
-    else:
-        print(f"device {device} ({n_gpus} GPU(s) via DataParallel)" if n_gpus else "device cpu (float32)")
-    print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
-          f"model {args.model_name} ({format_count(sum(p.numel() for p in policy.parameters()))} parameters)")
-    total_steps = args.num_iterations * args.num_steps
-    if resume and resume["step"] >= total_steps:
-        print(f"this run is finished ({resume['step']}/{total_steps} steps); to train it further, run the same "
-              "command with a larger --num_steps (steps count from the start of the run)")
-
-    # The "before" evaluation (kept from the first start when the run is resumed).
-    eval_path = os.path.join(args.output_dir, "eval.json")
-    evaluation = {}
-    if resume and os.path.exists(eval_path):
-        with open(eval_path, encoding="utf-8") as f:
-            evaluation = json.load(f)
-    eval_kwargs = dict(max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size,
-                       device=device, autocast_dtype=amp_dtype)
-    stop.where = f"before step {resume['step'] + 1 if resume else 1}"
-    if eval_examples and "before" not in evaluation and not resume:
-        evaluation["before"] = evaluate_on_every_process(policy, tokenizer, eval_examples, workers,
-                                                         label="eval before", **eval_kwargs)
-        if workers.is_main:
-            write_json(eval_path, evaluation)
-
-    # Training, then the final model. A signal now lets the step finish and save (see StopRequest).
-    control = RunControl(
-        output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
-        save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
-        log_completions_steps=args.log_completions_steps, stop=stop, resume=resume, workers=workers)
-    del resume  # RunControl lets go of it once used: the optimizer state and reference weights are large
-    with stop.deferred():
+    with Session(args) as session:
+        policy, tokenizer, train_examples, eval_examples = session.load()
+        session.evaluate("before", policy, tokenizer, eval_examples)
         history = train_with_grpo(
             policy, tokenizer, train_examples,
             num_iterations=args.num_iterations, num_steps=args.num_steps, batch_size=args.batch_size,
-            num_generations=args.num_generations, max_completion_length=args.max_completion_length, mu=args.mu,
-            beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, temperature=args.temperature, micro_batch_size=args.micro_batch_size,
+            num_generations=args.num_generations, mu=args.mu, max_completion_length=args.max_completion_length,
+            temperature=args.temperature, beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, micro_batch_size=args.micro_batch_size,
             bf16=args.bf16, seed=args.seed, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
             epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
-            mask_truncated_completions=args.mask_truncated_completions, run=control,
-        )
-        if workers.is_main and (history or not finished_model_in(args.output_dir)):
-            policy.save_pretrained(args.output_dir)
-            tokenizer.save_pretrained(args.output_dir)
-            print(f"saved the trained model and tokenizer to {args.output_dir}")
-        workers.barrier()
-    stop.where = "during the evaluation after training (the trained model is saved)"
-    if stop.is_set():  # a signal while the final model was being saved
-        raise Interrupted(stop.signum, stop.where)
-
-    # The "after" evaluation: a signal stops it at once; the model is saved already.
-    if eval_examples and (history or "after" not in evaluation):
-        evaluation["after"] = evaluate_on_every_process(policy, tokenizer, eval_examples, workers,
-                                                        label="eval after", **eval_kwargs)
-        if workers.is_main:
-            write_json(eval_path, evaluation)
-        if "before" in evaluation:
-            print("accuracy before -> after: strict {:.1%} -> {:.1%}, lenient {:.1%} -> {:.1%}".format(
-                evaluation["before"]["strict_accuracy"], evaluation["after"]["strict_accuracy"],
-                evaluation["before"]["lenient_accuracy"], evaluation["after"]["lenient_accuracy"]))
-    workers.barrier()  # no process tears down the process group while another still uses it
+            mask_truncated_completions=args.mask_truncated_completions,
+            parallel=session.parallel, run=session.run)
+        session.save(policy, tokenizer, history)
+        session.evaluate("after", policy, tokenizer, eval_examples)
     return history
 
 

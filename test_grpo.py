@@ -537,7 +537,7 @@ def test_compute_log_probs_matches_plain_log_softmax_with_left_padding_and_tempe
 def test_compute_log_probs_allows_one_backward_pass_and_says_so(tiny):
     model, tokenizer = tiny
     input_ids = torch.cat([prompt_ids_for(tokenizer, copies=2), torch.randint(0, 300, (2, 4))], dim=1)
-    log_probs = grpo.compute_log_probs(model, input_ids, torch.ones_like(input_ids), 4)
+    log_probs = grpo.LogProbModule(model, 1.0)(input_ids, torch.ones_like(input_ids), 4)  # the in-place backward
     log_probs.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass only"):
         log_probs.sum().backward()
@@ -717,12 +717,10 @@ def test_generate_completions_groups_and_masks(tiny):
     model, tokenizer = tiny
     model.eval()
     eos = grpo.end_of_sequence_ids(model, tokenizer)
-    generator = grpo.data_parallel(grpo.GenerateModule(model, 12, eos, tokenizer.pad_token_id, temperature=1.0),
-                                   torch.device("cpu"))
     prompts = [grpo.build_prompt(tokenizer, q) for q in ("Tom has 3 apples.", "A much longer question " * 3)]
     torch.manual_seed(0)
     prompt_ids, prompt_mask, completion_ids, completion_mask = grpo.generate_completions(
-        generator, tokenizer, prompts, 3, eos, torch.device("cpu"))
+        model, tokenizer, prompts, 3, 12, 1.0, eos)
     assert prompt_ids.shape[0] == completion_ids.shape[0] == 6
     assert completion_ids.shape == completion_mask.shape and completion_ids.shape[1] <= 12
     # Each prompt is repeated G times consecutively, left-padded (the real tokens end at column P).
@@ -748,7 +746,8 @@ def test_a_rollout_does_not_depend_on_how_dataparallel_splits_it(tiny):
     model, tokenizer = tiny
     model.eval()
     eos = grpo.end_of_sequence_ids(model, tokenizer)
-    generator = grpo.GenerateModule(model, 10, eos, tokenizer.pad_token_id, temperature=1.0)
+    generator = grpo.GenerateModule(model, max_new_tokens=10, temperature=1.0, eos_token_ids=eos,
+                                    pad_token_id=tokenizer.pad_token_id)
     prompt_ids = prompt_ids_for(tokenizer, copies=6)
     mask, uniforms = torch.ones_like(prompt_ids), torch.rand(6, 10)
     with torch.no_grad():
@@ -763,7 +762,8 @@ def test_rollouts_ignore_the_checkpoints_sampling_settings(tiny):
     model, tokenizer = tiny
     model.eval()
     eos = grpo.end_of_sequence_ids(model, tokenizer)
-    generator = grpo.GenerateModule(model, 10, eos, tokenizer.pad_token_id, temperature=1.0)
+    generator = grpo.GenerateModule(model, max_new_tokens=10, temperature=1.0, eos_token_ids=eos,
+                                    pad_token_id=tokenizer.pad_token_id)
     prompt_ids = prompt_ids_for(tokenizer, copies=8)
     mask, uniforms = torch.ones_like(prompt_ids), torch.rand(8, 10)
     with torch.no_grad():
@@ -782,13 +782,15 @@ def test_the_dataparallel_wrappers_run_on_a_replica(tiny, monkeypatch):
     model.eval()
     eos = grpo.end_of_sequence_ids(model, tokenizer)
     prompt_ids = prompt_ids_for(tokenizer)
-    generator = grpo.GenerateModule(model, 6, eos, tokenizer.pad_token_id, temperature=None)
+    generator = grpo.GenerateModule(model, max_new_tokens=6, temperature=None, eos_token_ids=eos,
+                                    pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         expected = generator(prompt_ids, torch.ones_like(prompt_ids))
         got = _fake_replicate(generator, monkeypatch)(prompt_ids, torch.ones_like(prompt_ids))
     assert got.shape == (1, prompt_ids.size(1) + 6)  # padded to a fixed width for the gather
     assert torch.equal(got, expected)  # greedy: the replica generates what the model does
-    sampler = grpo.GenerateModule(model, 6, eos, tokenizer.pad_token_id, temperature=1.0)
+    sampler = grpo.GenerateModule(model, max_new_tokens=6, temperature=1.0, eos_token_ids=eos,
+                                  pad_token_id=tokenizer.pad_token_id)
     uniforms = torch.rand(1, 6)
     with torch.no_grad():
         assert torch.equal(_fake_replicate(sampler, monkeypatch)(prompt_ids, torch.ones_like(prompt_ids), uniforms),
@@ -803,7 +805,8 @@ def test_the_dataparallel_wrappers_run_on_a_replica(tiny, monkeypatch):
 
 def test_a_replica_whose_weights_cannot_be_found_fails_loudly(tiny, monkeypatch):
     model, tokenizer = tiny
-    generator = grpo.GenerateModule(model, 6, grpo.end_of_sequence_ids(model, tokenizer), tokenizer.pad_token_id)
+    generator = grpo.GenerateModule(model, max_new_tokens=6, temperature=None, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_ids=grpo.end_of_sequence_ids(model, tokenizer))
     replica = _fake_replicate(generator, monkeypatch)
     for sub in replica.modules():  # a torch release that keeps the weights somewhere else
         sub.__dict__.pop("_former_parameters", None)
@@ -823,10 +826,8 @@ def test_a_nan_score_row_fails_loudly_instead_of_drawing_a_token(tiny):
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     eos = grpo.end_of_sequence_ids(model, tokenizer)
-    generator = grpo.GenerateModule(model, 4, eos, tokenizer.pad_token_id, temperature=1.0)
-    with pytest.raises(grpo.NonFiniteError, match="NaN or inf for 2 of 2 sequences"):
-        grpo.generate_completions(generator, tokenizer, [grpo.build_prompt(tokenizer, "Tom has 3 apples.")], 2, eos,
-                                  torch.device("cpu"))
+    with pytest.raises(FloatingPointError, match="NaN or inf for 2 of 2 sequences"):
+        grpo.generate_completions(model, tokenizer, [grpo.build_prompt(tokenizer, "Tom has 3 apples.")], 2, 4, 1.0, eos)
 
 
 def test_loading_a_model_switches_off_the_attention_kernel_that_nans_on_padded_rows(tiny_dir):
@@ -862,7 +863,7 @@ def test_evaluate_model_scores_strict_and_lenient(tiny, monkeypatch):
     monkeypatch.setattr(grpo, "decode_completions", lambda *args: texts)
     model.train()
     examples = [{"question": "q1", "answer": "7"}, {"question": "q2", "answer": "5"}, {"question": "q3", "answer": "3"}]
-    result = grpo.evaluate_model(model, tokenizer, examples, max_new_tokens=4, batch_size=3, device=torch.device("cpu"))
+    result = grpo.evaluate_model(model, tokenizer, examples, max_new_tokens=4, batch_size=3)
     assert result["strict_accuracy"] == pytest.approx(1 / 3)  # only the first has the right <answer>
     assert result["lenient_accuracy"] == pytest.approx(3 / 3)  # the last number is right in all three
     assert model.training  # the mode is restored
@@ -997,9 +998,9 @@ def test_no_reference_model_is_made_when_beta_is_zero(tiny, tiny_dir, monkeypatc
 
 def test_step_record_reports_zero_std_groups_and_truncation():
     rewards = torch.tensor([2.8, 2.8, 0.0, 0.8])  # G = 2: the first group agrees (no signal), the second not
-    record = grpo.step_record(1, 1, rewards, rewards, rewards * 0, torch.tensor([True, False, False, False]), 2,
-                              {"loss": 0.0}, 0, torch.ones(4, 3), torch.ones(4, 5), 1,
-                              {"step": 1.0, "rollout": 0.5, "update": 0.5})
+    record = grpo.step_metrics(rewards, rewards, rewards * 0, torch.tensor([True, False, False, False]),
+                               torch.ones(4, 3), torch.ones(4, 5), 2, [{"loss": 0.0, "skipped": False}],
+                               {"step": 1.0, "rollout": 0.5, "update": 0.5})
     assert record["frac_reward_zero_std"] == 0.5 and record["truncated_ratio"] == 0.25
 
 
@@ -1432,8 +1433,7 @@ def run_toy(seed=0, **grpo_overrides):
     assert not {ex["question"] for ex in train} & {ex["question"] for ex in held_out}
     model, tokenizer = build_toy_model(seed)
     warm_start_on_the_format(model, tokenizer, train, seed)
-    evaluate = lambda: grpo.evaluate_model(model, tokenizer, held_out, max_new_tokens=8, batch_size=100,
-                                           device=torch.device("cpu"))
+    evaluate = lambda: grpo.evaluate_model(model, tokenizer, held_out, max_new_tokens=8, batch_size=100)
     before = evaluate()
     torch.manual_seed(seed)
     history = grpo.train_with_grpo(model, tokenizer, train, **{**TOY_GRPO, "seed": seed, **grpo_overrides})
