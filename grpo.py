@@ -6,64 +6,52 @@ than its group a completion did as the advantage of every one of its tokens. Tho
 PPO's clipped objective, with a KL penalty that keeps the policy near a frozen reference model.
 
 Read the numbered sections in order: they are the tutorial, GRPO and nothing else.
-    1. prompts and answer extraction      6. rollouts: sampling G completions per prompt
-    2. rewards                            7. evaluation
-    3. group-relative advantages          8. the training loop
-    4. per-token log-probs and the mask   9. the command line
-    5. the GRPO loss
-The fenced sections hold what a real run needs besides. A first reading skips them: the lesson never
-calls into them; they swap their versions in through named arguments (compute_log_probs' log_softmax,
-generate_completions' generate) and four marked lines of the training loop.
-    A. the in-place log-softmax backward (memory)                       after section 4
-    B. DataParallel and torchrun (several GPUs, processes, machines)    after section 7
-    C. logs, checkpoints, resume, signals and faults                    after section B
-    D. loading, the output folder, one-line errors, main's bookkeeping  after section 8
+    1. prompts and answer extraction      4. per-token log-probs and the mask   7. evaluation
+    2. rewards                            5. the GRPO loss                      8. the training loop
+    3. group-relative advantages          6. rollouts: G completions a prompt   9. the command line
+The fenced sections A-D hold what a real run needs besides (memory, several GPUs and processes, logs,
+checkpoints, signals, loading and errors). The lesson never calls into them: they swap their versions
+in through named arguments (compute_log_probs' log_softmax, generate_completions' generate) and four
+marked lines of the training loop.
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
-    - advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), sample std (divisor G - 1), one
-                 value for every token of completion i; a group whose rewards all agree gives A = 0;
-    - ratio      rho_t = exp(log pi_theta(o_t) - log pi_old(o_t)), clipped to [1 - epsilon, 1 + epsilon];
-    - KL         k3: exp(q - p) - (q - p) - 1 with p = log pi_theta, q = log pi_ref, weight beta
-                 (beta = 0: no reference model at all);
-    - loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t) A_i) - beta KL_t], the first
-                 end-of-sequence token included in |o_i|;
-    - mu         policy updates per batch of rollouts; pi_old is the policy that sampled them.
+    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), sample std (divisor G - 1), one
+               value for every token of completion i; a group whose rewards all agree gives A = 0
+    ratio      rho_t = exp(log pi_theta(o_t) - log pi_old(o_t)), clipped to [1 - epsilon, 1 + epsilon]
+    KL         k3: exp(q - p) - (q - p) - 1 with p = log pi_theta, q = log pi_ref, weight beta
+    loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t) A_i) - beta KL_t], the first
+               end-of-sequence token counted in |o_i|
+    mu         policy updates per batch of rollouts; pi_old is the policy that sampled them
 The family since then changes one piece each, behind one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
 --epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
+
+One step of train_with_grpo, its numbered phases: 1) take B prompts (a new reference model when an
+iteration starts); 2) roll out G completions per prompt; 3) rewards -> group-relative advantages;
+4) the reference model's log-probs; 5) mu clipped policy updates; 6) log, checkpoint, stop if asked.
 
 Where this departs from the notebook it follows (theLMbook's "GRPO from scratch"), on purpose:
     1. prompts go through the model's chat template instead of joined strings;
     2. completions are sampled from exactly softmax(logits / T), the distribution the log-probs score:
        the checkpoint's top_k / top_p / repetition penalty never apply (InverseCDFSampler);
-    3. the completion mask ends at the first of *all* the model's end-of-turn ids, not at the pad id
+    3. the completion mask ends at the first of all the model's end-of-turn ids, not at the pad id
        (Qwen's pad token is itself an end-of-turn token);
-    4. one AdamW for the whole run (the notebook makes a new one, losing its moments, each iteration);
+    4. one AdamW for the whole run (the notebook makes a new one each iteration, losing its moments);
     5. evaluation is greedy, on held-out GSM8K test questions, not on training rows;
     6. DataParallel really splits the work (the notebook unwraps it to generate), and torchrun with
-       DistributedDataParallel goes past one GPU per process and one machine;
-    7. updates run in micro-batches with gradients accumulated, and log-probs never build an
-       (N, T, V) log_softmax;
+       DistributedDataParallel goes further;
+    7. updates run in micro-batches with gradients accumulated, and no (N, T, V) log_softmax is built;
     8. the data are visited as a fresh random permutation per pass (reproducible, resumable).
-
-One training step (the numbered phases of train_with_grpo):
-    1) take B prompts (a new reference model at the start of each iteration)
-    2) roll out G completions per prompt with the current policy (KV cache, eval mode, no grad)
-    3) score them: rewards -> group-relative advantages
-    4) score the completions under the reference model (when beta > 0)
-    5) mu times: loss over micro-batches, gradients accumulated, clipped, one AdamW step
-    6) log the step, save a checkpoint when one is due, stop here if asked to
 
 Commands:
     python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
     CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
     torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
-    python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \
+    python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
         --max_completion_length 32 --eval_size 4                    # CPU smoke run
 
-Shape letters used in comments:
-    B prompts per step, G completions per prompt (num_generations), N = B * G sequences,
-    P prompt tokens (left-padded), T completion tokens, V vocabulary size.
+Shape letters used in comments: B prompts per step, G completions per prompt (num_generations),
+N = B * G sequences, P prompt tokens (left-padded), T completion tokens, V vocabulary size.
 """
 
 import argparse
@@ -152,24 +140,19 @@ def numbers_in(text: str) -> list[float]:
 
 
 def extract_single_number(text: str) -> float | None:
-    """The number in text when it holds exactly one, else None.
+    """The number in text when it holds exactly one, else None. Copy with: numbers_in.
 
     >>> extract_single_number("$1,080.50")
     1080.5
     >>> extract_single_number("3 or 4") is None
     True
-
-    Copy with: numbers_in.
     """
     numbers = numbers_in(text)
     return numbers[0] if len(numbers) == 1 else None
 
 
 def extract_last_number(text: str) -> float | None:
-    """The last number in text, or None; used for lenient accuracy ("the answer is 72.").
-
-    Copy with: numbers_in.
-    """
+    """The last number in text, or None; used for lenient accuracy ("the answer is 72."). Copy with: numbers_in."""
     numbers = numbers_in(text)
     return numbers[-1] if numbers else None
 
@@ -186,7 +169,6 @@ FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 def correctness_reward(completions: list[str], answers: list[str]) -> list[float]:
     """2.0 if the <answer> content equals the reference answer as a string, 1.5 if it holds the same
     single number ("$1,080" for "1080"), else 0.0 (also for a missing or unclosed <answer>).
-
     Copy with: extract_answer_from_model_output, extract_single_number, numbers_in.
     """
     rewards = []
@@ -214,7 +196,6 @@ def format_reward(completions: list[str]) -> list[float]:
 
 def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
     """correctness (0 to 2.0) + format (0 to 0.8): the scalar reward r_i of each completion, 0 to 2.8.
-
     Copy with: correctness_reward, format_reward, FORMAT_TAGS, extract_answer_from_model_output,
     extract_single_number, numbers_in.
     """
@@ -232,11 +213,9 @@ def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
 def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
     """A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4), one advantage per completion.
 
-    rewards: (N,) with N = B * G, the G completions of each prompt consecutive.
-    std is the unbiased sample std (torch's default, divisor G - 1), so G must be at least 2.
-    A group whose rewards are all equal carries no signal and gets exactly A = 0.
-    Returns (N, 1), ready to broadcast over the T tokens of each completion.
-
+    rewards: (N,) with N = B * G, the G completions of each prompt consecutive. std is the unbiased
+    sample std (torch's default, divisor G - 1), so G must be at least 2. A group whose rewards are all
+    equal carries no signal and gets exactly A = 0. Returns (N, 1), to broadcast over the T tokens.
     The worked example: rewards [1, 2, 3, 4, 5, 6] with G = 3 have group means 2 and 5 and stds 1,
     so A = [-1, 0, 1, -1, 0, 1] (up to the 1e-4).
 
@@ -280,10 +259,8 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, tempera
 
     log p(x) = logit[x] / T - logsumexp(logits / T), the logsumexp one sequence at a time in float32.
     It equals torch.log_softmax(logits.float() / T, -1).gather(-1, token_ids[..., None])[..., 0] but
-    never holds the (N, T, V) log-probabilities of every token. The temperature is applied in float32:
-    dividing bf16 logits by T first would round logit / T (up to 0.013 in a log-prob at T = 0.7).
-    Plain autograd; it changes nothing it is given.
-
+    never holds the (N, T, V) log-probabilities of every token. T is applied in float32: dividing bf16
+    logits by T first would round logit / T (up to 0.013 in a log-prob at T = 0.7). Plain autograd.
     logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
     """
     token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
@@ -302,13 +279,10 @@ def compute_log_probs(
     """log pi(o_t | q, o_<t) for the last `logits_to_keep` tokens of each sequence (the completion).
 
     input_ids, attention_mask: (N, P + T), prompt left-padded, completion after it; logits_to_keep = T.
-    Returns (N, T) float32.
-
-    The logits are divided by the sampling temperature: the completions were sampled from
-    softmax(logits / temperature), and the ratio and KL must score them under that same distribution.
-    log_softmax(logits, token_ids, temperature) -> (N, T) is selective_log_softmax; the training loop
-    (engineering sections A and B) passes InPlaceSelectiveLogSoftmax.apply, the same values with a
-    backward pass that needs almost no memory beyond the logits.
+    Returns (N, T) float32. The logits are divided by the sampling temperature: the completions were
+    sampled from softmax(logits / temperature), and the ratio and KL must score that distribution.
+    log_softmax(logits, token_ids, temperature) is selective_log_softmax; the training loop (sections A
+    and B) passes InPlaceSelectiveLogSoftmax.apply: the same values, a backward with no (N, T, V) extras.
     Copy with: selective_log_softmax.
     """
     # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
@@ -335,9 +309,7 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
     The first EOS is included: choosing to stop is an action the policy must get credit for. Tokens
     after it are padding. Masking by comparing to the pad id would be wrong, because Qwen2.5's pad
     token <|endoftext|> is also one of its end-of-turn tokens. A completion with no EOS (cut at the
-    length limit) keeps all its tokens.
-
-    completion_ids: (N, T) -> (N, T) int64.
+    length limit) keeps all its tokens. completion_ids: (N, T) -> (N, T) int64.
     """
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (N, T)
     num_tokens = completion_ids.size(1)
@@ -349,10 +321,7 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
 
 
 def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """True for each completion without an end-of-sequence token: cut off at the length limit.
-
-    completion_ids: (N, T) -> (N,) bool.
-    """
+    """True for each completion without an end-of-sequence token, cut at the length limit: (N, T) -> (N,) bool."""
     return ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).any(dim=1)  # (N,)
 
 
@@ -360,11 +329,10 @@ def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]
 # Engineering A: the in-place log-softmax backward, which saves most of an update's memory
 # (skip on first reading; the tutorial continues at section 5)
 # ================================================================================================
-# With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of a policy update:
-# 4 sequences x 400 tokens x 151,936 x 4 bytes = 0.97 GB. Through plain autograd, selective_log_softmax
-# keeps or builds several tensors of that size for the backward pass. Written by hand, the backward
-# needs none: it turns the logits into their own gradient, row by row. LogProbModule (section B)
-# passes it to compute_log_probs as its log_softmax.
+# With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of an update (4 sequences
+# x 400 tokens x 151,936 x 4 bytes = 0.97 GB), and plain autograd keeps or builds several of that size
+# for the backward pass. Written by hand, the backward needs none: it turns the logits into their own
+# gradient, row by row. LogProbModule (section B) passes it to compute_log_probs as its log_softmax.
 
 
 class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
@@ -372,9 +340,7 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
 
     forward:   log p(x) = logit[x] / T - logsumexp(logits / T), one sequence at a time, in float32
     backward:  d log p(x) / d logits = (onehot(x) - softmax(logits / T)) / T, written into the logits
-
-    Because the backward destroys the logits, it can run once only, and the logits must be read by
-    nothing else (compute_log_probs makes them and hands them straight here).
+    So it runs backward once only, on logits nobody else reads (compute_log_probs hands them straight here).
     apply(logits (N, T, V), token_ids (N, T), temperature) -> (N, T) float32.
     """
 
@@ -441,19 +407,10 @@ def reduce_per_token(values: torch.Tensor, mask: torch.Tensor, loss_type: str,
     raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
 
 
-def grpo_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    ref_log_probs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    completion_mask: torch.Tensor,
-    beta: float,
-    epsilon: float,
-    epsilon_high: float | None = None,
-    loss_type: str = "grpo",
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-) -> tuple[torch.Tensor, dict]:
+def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
+              advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float, epsilon: float,
+              epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
 
     Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
@@ -473,11 +430,10 @@ def grpo_loss(
                                    "dr_grpo" over N * max_completion_length (see reduce_per_token)
 
     log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
-    beta == 0); advantages: (N, 1); completion_mask: (N, T).
-    Returns the scalar loss and detached metrics, each a mean over sequences of a per-sequence token
-    mean: kl; clip_ratio_low / clip_ratio_high, the share of tokens clipped below (rho < 1 - epsilon,
-    A < 0) / above (rho > 1 + epsilon_high, A > 0), which get no gradient from the surrogate; and
-    clip_ratio, their sum.
+    beta == 0); advantages: (N, 1); completion_mask: (N, T). Returns the scalar loss and detached
+    metrics, means over sequences of per-sequence token means: kl; clip_ratio_low / _high, the share
+    of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which
+    get no gradient from the surrogate; clip_ratio, their sum.
     Copy with: reduce_per_token, masked_sequence_mean.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
@@ -488,7 +444,7 @@ def grpo_loss(
 
     log_ratio = log_probs - old_log_probs  # (N, T)
     if importance_sampling_level == "sequence":  # GSPO: the mean log-ratio of each completion
-        log_ratio = ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0))  # (N, 1)
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
     elif importance_sampling_level != "token":
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
@@ -530,14 +486,12 @@ class InverseCDFSampler(LogitsProcessor):
 
     Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
     take u ~ Uniform[0, 1) and the first token k with c_k > u * c_V; then P(k) = w_k / c_V exactly.
-    The uniforms are drawn before generation, one per sequence and new token (n, max_new_tokens), so
-    each sequence's sample depends only on its own logits and its own row of uniforms: split the rows
-    over GPUs or processes and the completions do not change. It is also fast: torch.multinomial,
-    which generate() uses when do_sample=True, cost about 30 ms per call over a 151,936-token
-    vocabulary on our CPU, 75% of a rollout; this takes about 7 ms.
-    It returns scores that are -inf except at the drawn token, so greedy mode's argmax takes that token.
-    A row of scores that is not finite (a NaN from the model) has no distribution to sample from: it
-    is recorded in `broken_rows` (no host sync per token), and sample_sequences raises once it ends.
+    The uniforms are drawn up front, one per sequence and new token (n, max_new_tokens): each sample
+    depends only on its own row, so splitting the rows over GPUs or processes changes no completion.
+    It is fast too: torch.multinomial (do_sample=True) took 30 ms a call over 151,936 logits on our
+    CPU, 75% of a rollout; this, 7 ms. It returns scores that are -inf except at the drawn token, for
+    greedy mode's argmax. A row that is not finite (a NaN from the model) is recorded in broken_rows
+    (no host sync per token), and sample_sequences raises once generation ends.
     """
 
     def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
@@ -558,9 +512,8 @@ def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      pad_token_id: int) -> torch.Tensor:
     """model.generate() with the KV cache: prompts (n, P) -> prompts + completions (n, P + t), t <= max_new_tokens.
 
-    With a temperature, each new token is drawn from softmax(logits / temperature) by InverseCDFSampler,
-    driven by uniforms (n, max_new_tokens); temperature None means greedy decoding (evaluation).
-    Raises FloatingPointError if the model's scores for some sequence were NaN or inf.
+    With a temperature, InverseCDFSampler draws each new token from softmax(logits / temperature) with
+    uniforms (n, max_new_tokens); None: greedy decoding (evaluation). A NaN score: FloatingPointError.
     Copy with: InverseCDFSampler.
     """
     samplers = LogitsProcessorList()
@@ -581,9 +534,10 @@ def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         use_cache=True,  # the KV cache: each new token attends to stored keys/values, O(T) not O(T^2)
     )  # (n, P + t): generate stops once every sequence has ended
     if samplers and bool(samplers[0].broken_rows.any()):
-        raise FloatingPointError(f"the model's next-token scores were NaN or inf for {int(samplers[0].broken_rows.sum())}"
-                                 f" of {len(prompt_ids)} sequences while sampling; the weights or the attention "
-                                 "kernel produced them (see the README's GPU notes)")
+        broken = int(samplers[0].broken_rows.sum())
+        raise FloatingPointError(f"the model's next-token scores were NaN or inf for {broken} of {len(prompt_ids)} "
+                                 "sequences while sampling; the weights or the attention kernel produced them "
+                                 "(see the README's GPU notes)")
     return sequences
 
 
@@ -602,12 +556,10 @@ def generate_completions(model, tokenizer, prompts: list[str], num_generations: 
 
     Each prompt is repeated G times back to back, so the G completions of a prompt are consecutive, as
     compute_group_advantages expects. Prompts are left-padded so that every completion starts at the
-    same column P. The model should be in eval mode (no dropout).
-    generate(model, prompt_ids, prompt_mask, uniforms, **settings) -> (N, P + t) is sample_sequences;
-    the training loop passes Parallel.generate (engineering section B), which returns the same sequences
-    with the work spread over GPUs and processes.
-    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), with T cut to
-    the longest completion.
+    same column P. generate(model, prompt_ids, prompt_mask, uniforms, **settings) is sample_sequences;
+    the training loop passes Parallel.generate (section B): the same sequences, the work spread out.
+    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), T cut to the
+    longest completion.
     Copy with: sample_sequences, InverseCDFSampler, create_completion_mask.
     """
     device = next(model.parameters()).device
@@ -676,31 +628,25 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # Engineering B: DataParallel and torchrun (several GPUs, processes and machines)
 # (skip on first reading; the tutorial continues at section 8)
 # ================================================================================================
-# Every line that knows about more than one device is here. The training loop calls three methods of
-# a Parallel object, each the lesson's own function with the work spread out and the same result:
-#     generate                   sample_sequences                                (section 6)
-#     log_probs                  compute_log_probs in micro-batches, no gradient (section 4)
-#     accumulate_grpo_gradients  accumulate_grpo_gradients                        (section 8)
-# `python grpo.py`: one process; nn.DataParallel splits a module's tensor inputs along dim 0 across the
-# visible GPUs, runs a replica of the module on each share in parallel threads, and concatenates the
-# outputs on GPU 0. To make that pay, the wrapped modules return small results: per-token log-probs
-# (n, T) rather than logits (n, T, V), and token ids padded to one fixed width. Without GPUs
-# DataParallel calls the module directly, so the tests run this same code path on CPU.
-# `torchrun ... grpo.py`: one process per GPU (or per CPU worker with gloo), on one machine or many.
-# Every process holds a whole policy, reference model and optimizer, and the whole step's prompts:
-# each samples and scores its block of the step's rows, and the blocks are gathered, so that every
-# process holds the step's completions, rewards and advantages, exactly those of a single process.
-# The update runs each process's rows through DistributedDataParallel, which averages the gradients
-# once per update; process 0 alone prints and writes files.
+# The loop calls three methods of a Parallel object, each a lesson function with the work spread out
+# and the same result: generate (sample_sequences), log_probs (compute_log_probs in micro-batches, no
+# gradient) and accumulate_grpo_gradients.
+# `python grpo.py`: one process; nn.DataParallel splits a module's inputs along dim 0 over the visible
+# GPUs, runs a replica on each share in threads and concatenates the outputs on GPU 0. To make that
+# pay, the wrapped modules return small results: log-probs (n, T), not logits (n, T, V), and token ids
+# padded to one width. Without GPUs DataParallel calls the module directly: the tests run this path.
+# `torchrun ... grpo.py`: one process per GPU (or CPU worker, gloo), on one machine or many. Each holds
+# a whole policy, reference model and optimizer and the whole step's prompts; it samples and scores
+# its block of the step's rows and the blocks are gathered, so every process holds the completions,
+# rewards and advantages of a single-process run. Its rows' update runs through
+# DistributedDataParallel, which averages the gradients once per update. Process 0 alone writes.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
-    """module wrapped in nn.DataParallel over every visible GPU when device is CUDA; unchanged on CPU
-    and under torchrun (where each process drives one GPU)."""
+    """module in nn.DataParallel over every visible GPU when device is CUDA; unchanged under torchrun,
+    and with --device cpu on a machine with GPUs (where DataParallel would move the work to them)."""
     if torch.distributed.is_initialized():
         return module
-    # Without GPUs DataParallel is a pass-through; with GPUs present but --device cpu it would move the
-    # work to the GPUs, so then the module is left unwrapped.
     return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
 
 
@@ -712,13 +658,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def _expose_replica_parameters(module: nn.Module) -> None:
-    """Let transformers find the weights of a DataParallel replica.
-
-    A replica's weights are plain attributes, so replica.parameters() is empty (torch keeps them in
-    _former_parameters); transformers' generate() reads model.device from parameters(). Putting them
-    back into _parameters fixes that; it touches replicas only. If a torch release stores replicas
-    differently, this fails with a clear error instead of leaving generate() to fail deep inside.
-    """
+    """Let transformers' generate() find the device of a DataParallel replica, which reads it from
+    parameters(): a replica keeps its weights as plain attributes (in _former_parameters). A torch
+    release that stores them elsewhere fails here with a clear error, not deep inside generate()."""
     for sub in module.modules():
         if getattr(sub, "_is_replica", False) and not sub._parameters:
             if not hasattr(sub, "_former_parameters"):
@@ -731,10 +673,9 @@ def _expose_replica_parameters(module: nn.Module) -> None:
 
 
 class GenerateModule(nn.Module):
-    """sample_sequences (section 6) as a module DataParallel can split: forward(prompt_ids, prompt_mask,
-    uniforms) -> (n, P + max_new_tokens) token ids, padded to that fixed width so that the replicas'
-    outputs can be concatenated. settings: sample_sequences' keywords. Autocast is entered here, inside
-    each replica's thread, so that every GPU runs in bf16."""
+    """sample_sequences as a module DataParallel can split: forward(prompt_ids, prompt_mask, uniforms) ->
+    (n, P + max_new_tokens), padded to that width so that the replicas' outputs concatenate. settings:
+    sample_sequences' keywords. Autocast is entered inside each replica's thread."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, **settings):
         super().__init__()
@@ -749,8 +690,8 @@ class GenerateModule(nn.Module):
 
 
 class LogProbModule(nn.Module):
-    """compute_log_probs (section 4) as a module DataParallel can split, with the in-place log-softmax
-    backward (section A): forward(input_ids, attention_mask, logits_to_keep) -> (n, T)."""
+    """compute_log_probs as a module DataParallel can split, with the in-place backward (section A):
+    forward(input_ids, attention_mask, logits_to_keep) -> (n, T)."""
 
     def __init__(self, model: nn.Module, temperature: float, autocast_dtype: torch.dtype | None = None):
         super().__init__()
@@ -764,15 +705,15 @@ class LogProbModule(nn.Module):
 
 @dataclass
 class Parallel:
-    """This process's place in the run (process 0 of 1 without torchrun), its device and bf16 autocast,
-    and the lesson's three heavy functions spread over the GPUs and processes. Every method returns
-    what the lesson's function returns on one device; with one process the collectives do nothing."""
+    """This process's place in the run (process 0 of 1 without torchrun), its device and autocast, and
+    the lesson's heavy functions spread over GPUs and processes. Each method returns what the lesson's
+    function returns on one device; with one process the collectives do nothing."""
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None
-    trained: nn.Module | None = None  # under torchrun: the policy inside DistributedDataParallel
+    trained: nn.Module | None = None  # under torchrun: the policy in DistributedDataParallel
 
     @property
     def is_main(self) -> bool:
@@ -784,20 +725,19 @@ class Parallel:
         return torch.cuda.device_count() if self.device.type == "cuda" and self.world_size == 1 else 1
 
     def rows(self, num_rows: int) -> slice:
-        """This process's block of num_rows rows: blocks of ceil(num_rows / world_size), the last ones shorter."""
+        """This process's block of num_rows rows: ceil(num_rows / world_size) of them, fewer at the end."""
         size = -(-num_rows // self.world_size)
         return slice(min(self.rank * size, num_rows), min((self.rank + 1) * size, num_rows))
 
     def gather(self, part: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Every process's block (see rows), concatenated in rank order: (num_rows, ...)."""
+        """Every process's block (see rows) in rank order: (num_rows, ...)."""
         if self.world_size == 1:
             return part
-        size = -(-num_rows // self.world_size)
-        padded = part.new_zeros((size, *part.shape[1:]), device=self.device)  # blocks must have one shape
-        padded[:len(part)] = part
+        padded = part.new_zeros((-(-num_rows // self.world_size), *part.shape[1:]), device=self.device)
+        padded[:len(part)] = part  # all_gather needs one shape; the short blocks are the last ones
         blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
         torch.distributed.all_gather(blocks, padded)
-        return torch.cat(blocks)[:num_rows].to(part.device)  # short blocks are last: their padding is cut
+        return torch.cat(blocks)[:num_rows].to(part.device)
 
     def mean(self, values: dict) -> dict:
         """Each value (a number or a 0-d tensor) as a float, averaged over the processes."""
@@ -809,7 +749,7 @@ class Parallel:
         return dict(zip(values, (stacked / self.world_size).tolist()))
 
     def maximum(self, value: int) -> int:
-        """The largest of the processes' values (e.g. a signal number: all stop if one was signalled)."""
+        """The largest of the processes' values (a signal number: all stop if one was signalled)."""
         if self.world_size == 1:
             return value
         tensor = torch.tensor([value], device=self.device)
@@ -817,8 +757,8 @@ class Parallel:
         return int(tensor.item())
 
     def check(self, error: str | None) -> None:
-        """Raise DataError on every process if any process met one: no process is left waiting in a
-        collective for one that has exited. The first failing process's message is the one raised."""
+        """Raise DataError on every process if any met one (the first one's message): no process is left
+        waiting in a collective for one that has exited."""
         errors = [error]
         if self.world_size > 1:
             errors = [None] * self.world_size
@@ -837,21 +777,21 @@ class Parallel:
 
     def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None,
                  **settings) -> torch.Tensor:
-        """sample_sequences(model, prompt_ids, prompt_mask, uniforms, **settings) for all N rows, padded to
-        (N, P + max_new_tokens): this process's block, split over its GPUs, then every block gathered."""
+        """sample_sequences for all N rows, as (N, P + max_new_tokens): this process's block, split over
+        its GPUs, then the blocks gathered."""
         rows = self.rows(len(prompt_ids))
-        width = prompt_ids.size(1) + settings["max_new_tokens"]
-        if rows.start == rows.stop:  # more processes than rows (a last, short evaluation batch)
-            return self.gather(prompt_ids.new_full((0, width), settings["pad_token_id"]), len(prompt_ids))
-        generator = data_parallel(GenerateModule(model, self.autocast_dtype, **settings), self.device)
-        part = generator(prompt_ids[rows], prompt_mask[rows], None if uniforms is None else uniforms[rows])
+        if rows.start == rows.stop:  # more processes than rows (a short last evaluation batch)
+            part = prompt_ids.new_zeros((0, prompt_ids.size(1) + settings["max_new_tokens"]))
+        else:
+            generator = data_parallel(GenerateModule(model, self.autocast_dtype, **settings), self.device)
+            part = generator(prompt_ids[rows], prompt_mask[rows], None if uniforms is None else uniforms[rows])
         return self.gather(part, len(prompt_ids))  # (N, P + max_new_tokens)
 
     def log_probs(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
                   temperature: float, micro_batch_size: int) -> torch.Tensor:
-        """compute_log_probs of all N rows without gradients, micro_batch_size rows per GPU at a time: (N, T)."""
-        rows, scorer = self.rows(len(input_ids)), data_parallel(LogProbModule(model, temperature, self.autocast_dtype),
-                                                                self.device)
+        """compute_log_probs of all N rows, no gradient, micro_batch_size rows per GPU at a time: (N, T)."""
+        scorer = data_parallel(LogProbModule(model, temperature, self.autocast_dtype), self.device)
+        rows = self.rows(len(input_ids))
         ids, mask = input_ids[rows], attention_mask[rows]  # (n, P + T)
         with torch.no_grad():
             part = torch.cat([scorer(ids[c], mask[c], logits_to_keep)
@@ -863,11 +803,11 @@ class Parallel:
                                   old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
                                   micro_batch_size: int, beta: float, epsilon: float, temperature: float,
                                   **variant) -> tuple[torch.Tensor, dict]:
-        """accumulate_grpo_gradients over this process's rows, micro_batch_size per GPU at a time, through
-        DistributedDataParallel under torchrun; returns the log-probs of all N rows (N, T) and the loss
-        and metrics as floats, averaged over the processes. Each process's loss is an average over its
-        own rows (for "dapo": its tokens / the step's tokens per process) and DDP averages the gradients
-        over the processes, so the update is the single-process full-batch one."""
+        """accumulate_grpo_gradients on this process's rows, micro_batch_size per GPU at a time, through
+        DistributedDataParallel under torchrun: the log-probs of all N rows (N, T) and the loss and
+        metrics as floats averaged over the processes. Each process averages its loss over its own rows
+        ("dapo": divides by the step's tokens / world_size) and DDP averages the gradients, so the update
+        is the single-process full-batch one."""
         if self.world_size > 1 and self.trained is None:
             self.trained = nn.parallel.DistributedDataParallel(
                 policy, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -878,16 +818,15 @@ class Parallel:
         ref = None if ref_log_probs is None else ref_log_probs[rows]  # (n, T)
         log_probs, totals = accumulate_grpo_gradients(
             scorer, input_ids[rows], attention_mask[rows], completion_mask[rows], advantages[rows], old, ref,
-            micro_batch_size * self.gpus, beta, epsilon,
-            batch_tokens=completion_mask.sum().item() / self.world_size,
+            micro_batch_size * self.gpus, beta, epsilon, batch_tokens=completion_mask.sum().item() / self.world_size,
             no_sync=self.trained.no_sync if self.trained is not None else None, **variant)
         return self.gather(log_probs, len(input_ids)), self.mean(totals)  # (N, T), floats
 
 
 def start_parallel(device: torch.device, bf16: bool) -> Parallel:
     """Join torchrun's process group when torchrun started this process (it sets WORLD_SIZE, RANK and
-    LOCAL_RANK): NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU. Without torchrun:
-    one process on `device`. bf16: autocast on GPU."""
+    LOCAL_RANK): NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU; else one process on
+    `device`. bf16: autocast on GPU."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
     if world_size > 1:
         if device.type == "cuda":
@@ -911,8 +850,7 @@ def start_parallel(device: torch.device, bf16: bool) -> Parallel:
 def format_seconds(seconds: float) -> str:
     """Seconds as h:mm:ss, for the ETA."""
     minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -923,8 +861,8 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def remaining_seconds(step_seconds: list[float], steps_left: int) -> float:
-    """The ETA: the median of the last five step times, times the steps left. The first steps (warm-up,
-    compilation, caches filling) are slower than the rest: a mean since the start overestimates."""
+    """The ETA: the median of the last five step times (the first steps, warming up, are slower), times
+    the steps left."""
     return statistics.median(step_seconds[-5:]) * steps_left if step_seconds else 0.0
 
 
@@ -937,11 +875,11 @@ def step_line(record: dict, total_steps: int, eta_seconds: float) -> str:
 
 
 def details_line(record: dict) -> str:
-    """A second line (at most 120 characters), every log_completions_steps steps: the diagnostics and
-    where the time went."""
+    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times."""
     return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} clip low {record['clip_ratio_low']:.3f} "
             f"high {record['clip_ratio_high']:.3f} zero-std {record['frac_reward_zero_std']:.2f} truncated "
-            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
+            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s "
+            f"update {record['update_seconds']:.1f}s")
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -952,12 +890,9 @@ def sparkline(values: list[float], width: int = 40) -> str:
     except (UnicodeEncodeError, LookupError):
         blocks = "_.-:=+*#"  # a terminal without Unicode
     values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return ""
     n = min(width, len(values))
-    chunks = [values[i * len(values) // n:(i + 1) * len(values) // n] for i in range(n)]  # n non-empty stretches
-    means = [sum(c) / len(c) for c in chunks]
-    low, high = min(means), max(means)
+    means = [statistics.mean(values[i * len(values) // n:(i + 1) * len(values) // n]) for i in range(n)]
+    low, high = min(means, default=0.0), max(means, default=0.0)
     return "".join(blocks[int((m - low) / (high - low) * (len(blocks) - 1)) if high > low else 0] for m in means)
 
 
@@ -965,10 +900,9 @@ def print_run_summary(history: list[dict], device: torch.device) -> None:
     """The run at a glance (reward, correctness, format, KL as sparklines) and where the time went."""
     if not history:
         return
-    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"),
-                       ("kl", "kl")):
+    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"), ("kl", "kl")):
         print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
-    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}
+    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}  # NaN-safe
     print(f"summary: {len(history)} step{'s' if len(history) > 1 else ''}, {mean['step_seconds']:.2f} s/step = rollout "
           f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring; "
           f"generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
@@ -981,31 +915,25 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 def list_checkpoints(output_dir: str) -> list[str]:
     """The complete checkpoints in output_dir, oldest first (a '.tmp' folder is a save that never finished)."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [int(name[len(CHECKPOINT_PREFIX):]) for name in os.listdir(output_dir)
-             if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()]
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [int(n[len(CHECKPOINT_PREFIX):]) for n in names if re.fullmatch(CHECKPOINT_PREFIX + r"\d+", n)]
     return [os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}") for step in sorted(steps)]
 
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, reference, extra: dict,
                     save_total_limit: int) -> str:
     """Write checkpoint-{step}: weights and tokenizer (save_pretrained), optimizer state, the reference
-    model, step counter, RNG states and `extra`. It is written to a '.tmp' folder and renamed into place,
-    so a crash mid-save never leaves a checkpoint that looks whole. Keeps the newest save_total_limit."""
+    model, step, RNG states and `extra`, into a '.tmp' folder renamed into place (a crash mid-save never
+    leaves a checkpoint that looks whole). Keeps the newest save_total_limit checkpoints."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     partial = final + ".tmp"
     shutil.rmtree(partial, ignore_errors=True)
     policy.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        **extra,
-    }
-    torch.save(state, os.path.join(partial, "training_state.pt"))
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **extra},
+               os.path.join(partial, "training_state.pt"))
     if reference is not None:
         torch.save(reference.state_dict(), os.path.join(partial, "reference_model.pt"))
     shutil.rmtree(final, ignore_errors=True)  # an older save of the same step
@@ -1019,23 +947,19 @@ def load_training_state(checkpoint_dir: str, device: torch.device | str = "cpu")
     """The counters, optimizer state, RNG states (and the reference weights, if saved) of a checkpoint,
     its tensors loaded onto `device` whatever device saved them (a GPU checkpoint resumes on a CPU)."""
     def load(name):  # weights_only: tensors and plain containers, never pickled code
-        return torch.load(os.path.join(checkpoint_dir, name), map_location=device, weights_only=True)
+        path = os.path.join(checkpoint_dir, name)
+        return torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else None
 
-    state = load("training_state.pt")
-    state["reference"] = load("reference_model.pt") if os.path.exists(
-        os.path.join(checkpoint_dir, "reference_model.pt")) else None
-    state["path"] = checkpoint_dir
-    return state
+    return {**load("training_state.pt"), "reference": load("reference_model.pt"), "path": checkpoint_dir}
 
 
 def restore_rng(rng: dict) -> None:
-    """Put back the python, torch and CUDA random states saved by save_checkpoint."""
+    """Put back the python, torch and CUDA random states saved by save_checkpoint (of the GPUs there are:
+    the checkpoint may come from a machine with more)."""
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"].cpu())
-    if rng["cuda"] and torch.cuda.is_available():
-        # The checkpoint may come from a machine with more GPUs: restore the states of the GPUs both have.
-        for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state.cpu(), index)
+    for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()] if torch.cuda.is_available() else []):
+        torch.cuda.set_rng_state(state.cpu(), index)
 
 
 def write_json(path: str, value) -> None:
@@ -1045,28 +969,20 @@ def write_json(path: str, value) -> None:
     os.replace(path + ".tmp", path)
 
 
-def step_of(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line cut short (a process killed while writing it)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
 def keep_metrics_up_to(metrics_path: str, step: int) -> None:
-    """On resume, drop metrics lines of steps after the checkpoint (they will be run again)."""
+    """On resume, drop the metrics lines of steps after the checkpoint (they will be run again) and a
+    line cut short (a process killed while writing it)."""
     if not os.path.exists(metrics_path):
         return
     with open(metrics_path, encoding="utf-8") as f:
-        lines = [line for line in f if (step_of(line) or step + 1) <= step]
+        lines = f.readlines()
     with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
+        f.writelines(line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= step)
     os.replace(metrics_path + ".tmp", metrics_path)
 
 
 class Stopped(Exception):
-    """The run ends early: by a signal (signum), or after repeated non-finite updates (signum None).
-    The message says what was saved; main() adds the command that carries on."""
+    """The run ends early: by a signal (signum), or after repeated non-finite updates (signum None)."""
 
     def __init__(self, message: str, signum: int | None = None):
         super().__init__(message)
@@ -1074,13 +990,10 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """The handler of SIGINT (Ctrl-C) and SIGTERM (a job being pre-empted).
-
-    While training (from RunControl.start until the final model is saved) a first signal is only
-    recorded: the loop finishes its step, saves a checkpoint and stops; a second one quits at once
-    without saving (KeyboardInterrupt). Anywhere else (loading, evaluation) the first signal stops the
-    run at once (Stopped): nothing there is worth finishing, and an evaluation can be run again.
-    """
+    """The handler of SIGINT (Ctrl-C) and SIGTERM (a job being pre-empted). While training (from
+    RunControl.start until the final model is saved) a first signal is only recorded: the step finishes,
+    a checkpoint is saved, the run stops; a second one quits at once without saving (KeyboardInterrupt).
+    Anywhere else (loading, evaluation) the first signal stops the run at once: nothing is half done."""
 
     def __init__(self, repeat_quits: bool = True):
         # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
@@ -1106,23 +1019,17 @@ class StopRequest:
 
 @dataclass
 class RunControl:
-    """Everything about a run that is not GRPO: where its outputs go, when it saves checkpoints, what it
-    carries on from, and when it must stop. train_with_grpo calls start once and end_step after each step.
+    """Everything about a run that is not GRPO: what it prints and writes, when it saves checkpoints, what
+    it carries on from, when it stops. train_with_grpo calls start once and end_step after each step."""
 
-    output_dir: checkpoints go here (None: no checkpoints); metrics_path: one JSON line per step (None:
-    none); save_steps: a checkpoint every this many steps (0: only at the end or when stopping early);
-    resume: load_training_state() of the checkpoint to carry on from; stop: the signal handler's
-    StopRequest; max_bad_steps: stop after this many steps in a row with a skipped non-finite update.
-    """
-
-    output_dir: str | None = None
-    metrics_path: str | None = None
-    save_steps: int = 0
+    output_dir: str | None = None  # checkpoints go here (None: none)
+    metrics_path: str | None = None  # one JSON line per step (None: none)
+    save_steps: int = 0  # a checkpoint every this many steps (0: only at the end or when stopping early)
     save_total_limit: int = 2
-    max_bad_steps: int = 3
+    max_bad_steps: int = 3  # stop after this many steps in a row with a skipped non-finite update
     log_completions_steps: int = 0
-    resume: dict | None = None
-    stop: StopRequest | None = None
+    resume: dict | None = None  # load_training_state() of the checkpoint to carry on from
+    stop: StopRequest = field(default_factory=StopRequest)
     parallel: Parallel = field(default_factory=Parallel)  # under torchrun: all processes stop and save together
     bad_steps: int = 0  # steps in a row with a skipped update
     step_seconds: list = field(default_factory=list)  # of the steps this process ran, for the ETA
@@ -1133,9 +1040,7 @@ class RunControl:
               mu: int = 1):
         """The step to start from and the reference model to start with: (0, None) for a new run;
         for a resumed one, the checkpoint's step, optimizer state, RNG, counters and reference model."""
-        self.total_steps, self.mu = total_steps, mu
-        if self.stop is not None:
-            self.stop.training = True  # a signal now lets the step finish and save
+        self.total_steps, self.mu, self.stop.training = total_steps, mu, True  # a signal now lets the step finish
         state, self.resume = self.resume, None  # dropped once used: the optimizer state is large
         if state is None:
             return 0, None
@@ -1156,34 +1061,30 @@ class RunControl:
 
     def end_step(self, record: dict, sample: tuple[str, str, str, float], policy, tokenizer, optimizer,
                  reference) -> None:
-        """After each step: print its line (every log_completions_steps steps also a line of details and
-        a sample completion: question, text, answer, reward), append it to metrics.jsonl, save a checkpoint
-        when one is due or when the run must stop (a signal, or max_bad_steps steps in a row with a
-        skipped update), and then raise Stopped if it must."""
+        """After each step: print its line (every log_completions_steps steps also the details and a sample:
+        question, completion, answer, reward), append it to metrics.jsonl, save a checkpoint when one is due
+        or the run must stop (a signal, or max_bad_steps steps in a row with a skipped update), then stop."""
         step, skipped = record["step"], record["skipped_updates"]
         self.step_seconds.append(record["step_seconds"])
         if self.metrics_path and self.parallel.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                # json has no NaN: a skipped update's loss is written as null
-                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+            with open(self.metrics_path, "a", encoding="utf-8") as f:  # json has no NaN: a skipped loss is null
+                f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                     for k, v in record.items()}) + "\n")
         print(step_line(record, self.total_steps, remaining_seconds(self.step_seconds, self.total_steps - step)),
               flush=True)
         if skipped:
-            print(f"  SKIPPED {skipped}/{self.mu} non-finite updates of step {step} (the loss or "
-                  "gradient norm was NaN/inf)", flush=True)
+            print(f"  SKIPPED {skipped}/{self.mu} non-finite updates of step {step} (the loss or gradient norm "
+                  "was NaN/inf)", flush=True)
         if self.log_completions_steps and step % self.log_completions_steps == 0:
             question, text, answer, reward = sample
-            print(details_line(record), flush=True)
-            print(f"--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n>>> {text}\n---", flush=True)
-
+            print(f"{details_line(record)}\n--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n"
+                  f">>> {text}\n---", flush=True)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         # Under torchrun a signal may reach the processes at different moments: all stop if one got it.
-        signum = self.parallel.maximum(self.stop.signum or 0 if self.stop is not None else 0) or None
-        must_stop = self.bad_steps >= self.max_bad_steps or signum is not None
+        signum = self.parallel.maximum(self.stop.signum or 0) or None
         saved = "nothing new to save"
-        if self.output_dir and (must_stop or (self.save_steps and step % self.save_steps == 0)
-                                or step == self.total_steps):
+        if self.output_dir and (signum or self.bad_steps >= self.max_bad_steps or step == self.total_steps
+                                or (self.save_steps and step % self.save_steps == 0)):
             if self.parallel.is_main:  # one writer; the others wait for it
                 save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
                                 {"bad_steps": self.bad_steps}, self.save_total_limit)
@@ -1202,8 +1103,8 @@ class RunControl:
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
-    """The example indices of training step `step` (0-based): consecutive slices of a fresh random
-    permutation per pass over the data. A pure function of its arguments, so a run is reproducible."""
+    """The example indices of step `step` (0-based): consecutive slices of a fresh random permutation per
+    pass over the data; a pure function of its arguments, so a run is reproducible and resumable."""
     indices, permutations = [], {}
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, num_examples)
@@ -1215,9 +1116,8 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> l
 
 def make_reference_model(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     """A frozen copy of the policy: eval mode, no gradients, its weights optionally cast (bf16 on GPU
-    halves it). Only the weights: model.to(bfloat16) would also round buffers such as Qwen2's rotary
-    inv_freq, and the reference would then see other positions than the policy (at position 599 the
-    rotary angles would be off by up to 0.69 rad), which the KL term would pull the policy towards."""
+    halves it). Only the weights: model.to(bfloat16) would also round Qwen2's rotary inv_freq, and the
+    reference would see other positions than the policy (off by up to 0.69 rad at position 599)."""
     reference = copy.deepcopy(policy)
     if dtype is not None:
         for param in reference.parameters():
@@ -1246,24 +1146,19 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
                               no_sync=None, **variant) -> tuple[torch.Tensor, dict]:
     """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
 
-    The loss is an average over the batch, so each micro-batch's own loss is weighted by its share of
-    that average: n / N for a micro-batch of n sequences when the loss averages over sequences ("grpo",
-    "dr_grpo"), its completion tokens / the batch's when it averages over tokens ("dapo"). The gradients
-    accumulated in .grad are then those of the full batch, while only one micro-batch's (n, T, V)
-    logits exist at a time.
-    old_log_probs None means the policy has not changed since the rollout (the first of the mu updates):
-    pi_old is then the policy itself, and this pass's own detached log-probs serve as old_log_probs
-    (rho = 1), with no extra forward pass.
+    The loss is an average over the batch, so each micro-batch's loss is weighted by its share of that
+    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo"), its
+    completion tokens / the batch's when it averages over tokens ("dapo"). The gradients accumulated in
+    .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
+    old_log_probs None: the policy has not moved since the rollout (the first of the mu updates), so
+    this pass's own detached log-probs are pi_old's (rho = 1), with no extra forward pass.
 
-    log_prob_fn(input_ids, attention_mask, T) -> (n, T): the policy's log-probs, with gradient, e.g.
-    functools.partial(compute_log_probs, policy, temperature=T) (Parallel passes a LogProbModule);
-    input_ids, attention_mask: (N, P + T); completion_mask (the tokens that get a loss), old and ref
-    log-probs: (N, T); advantages: (N, 1); variant: grpo_loss's epsilon_high, loss_type,
-    importance_sampling_level, max_completion_length. batch_tokens: the token count "dapo" divides by
-    (default: completion_mask.sum()). no_sync: DistributedDataParallel's, so that the gradients are
-    averaged over the processes once per update (with the last micro-batch), not after each one.
-    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached;
-    the metrics are means over sequences whatever the loss type).
+    log_prob_fn(input_ids, attention_mask, T) -> (n, T), with gradient: e.g.
+    functools.partial(compute_log_probs, policy, temperature=T); input_ids, attention_mask: (N, P + T);
+    completion_mask (the tokens that get a loss), old and ref log-probs: (N, T); advantages: (N, 1);
+    variant: grpo_loss's keywords. batch_tokens: what "dapo" divides by (default completion_mask.sum()).
+    no_sync: DistributedDataParallel's, to average the gradients once per update, with the last one.
+    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached).
     Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, micro_batches.
     """
     num_sequences, num_completion_tokens = completion_mask.shape  # N, T
@@ -1293,34 +1188,31 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     return log_probs_seen, totals
 
 
-def step_metrics(rewards: torch.Tensor, correctness: torch.Tensor, formatting: torch.Tensor,
-                 truncated: torch.Tensor, completion_mask: torch.Tensor, attention_mask: torch.Tensor,
-                 num_generations: int, updates: list[dict], seconds: dict) -> dict:
+def step_metrics(texts: list[str], answers: list[str], rewards: torch.Tensor, truncated: torch.Tensor,
+                 completion_mask: torch.Tensor, attention_mask: torch.Tensor, num_generations: int,
+                 updates: list[dict], seconds: dict) -> dict:
     """The numbers that tell whether RL is working, for one step (the README's table explains each).
-
-    rewards, correctness, formatting: (N,), r_i and its two parts; truncated: (N,) bool, completions cut
-    at the length limit; completion_mask (N, T) and attention_mask (N, P + T) count tokens; updates: one
-    dict per policy update (loss, kl, clip ratios, grad_norm, skipped); seconds: the step's rollout,
-    update and total wall time. A skipped update's loss is NaN, and so is the step's mean loss.
-    """
+    texts, answers: the N completions and their reference answers; rewards: (N,); truncated: (N,) bool;
+    completion_mask (N, T) and attention_mask (N, P + T) count tokens; updates: one dict per policy
+    update (a skipped one's loss is NaN, and so is the mean); seconds: rollout, update and step time."""
     grouped = rewards.view(-1, num_generations)  # (B, G)
-    lengths = completion_mask.sum(dim=1).float()  # (N,)
+    tokens = completion_mask.sum().item()
     means = {name: sum(float(u[name]) for u in updates) / len(updates) for name in updates[0] if name != "skipped"}
     return {
         "reward": rewards.mean().item(),
-        "correctness_reward": correctness.mean().item(),
-        "format_reward": formatting.mean().item(),
+        "correctness_reward": statistics.mean(correctness_reward(texts, answers)),
+        "format_reward": statistics.mean(format_reward(texts)),
         "reward_std": grouped.std(dim=1).mean().item(),
         "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
         **means,
         "skipped_updates": sum(u["skipped"] for u in updates),
-        "completion_length": lengths.mean().item(),
+        "completion_length": tokens / len(texts),
         "truncated_ratio": truncated.float().mean().item(),
         "step_seconds": seconds["step"],
         "rollout_seconds": seconds["rollout"],
         "update_seconds": seconds["update"],
-        "tokens_per_second": lengths.sum().item() / seconds["step"],
-        "generation_tokens_per_second": lengths.sum().item() / seconds["rollout"],
+        "tokens_per_second": tokens / seconds["step"],
+        "generation_tokens_per_second": tokens / seconds["rollout"],
         "train_tokens_per_second": len(updates) * attention_mask.sum().item() / seconds["update"],
     }
 
@@ -1338,13 +1230,11 @@ def train_with_grpo(
     """Train `policy` in place with GRPO; returns one metrics dict per step.
 
     num_iterations outer iterations, each starting with a fresh reference model copied from the policy;
-    num_steps steps each of batch_size prompts x num_generations completions; mu AdamW updates per step,
-    pi_old being the policy that sampled the step's completions; micro_batch_size sequences per forward
-    and backward pass, gradients accumulated; bf16: autocast and a bf16 reference model, on GPU only.
-    The variants (defaults: DeepSeekMath's GRPO) are those of compute_group_advantages and grpo_loss;
-    mask_truncated_completions: DAPO's overlong filtering, no loss for a completion cut at the limit.
-    parallel spreads the work over GPUs and processes (section B); run writes metrics and checkpoints,
-    resumes and stops (section C). Without them: one process, nothing written.
+    num_steps steps of batch_size prompts x num_generations completions; mu AdamW updates per step, pi_old
+    being the policy that sampled the step's completions; micro_batch_size sequences per forward/backward
+    pass; bf16: autocast and a bf16 reference model, on GPU only. The variants: compute_group_advantages
+    and grpo_loss, and mask_truncated_completions (DAPO: no loss for a completion cut at the limit).
+    parallel (section B) spreads the work out; run (section C) logs, saves, resumes and stops.
     """
     device = next(policy.parameters()).device
     amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
@@ -1379,9 +1269,7 @@ def train_with_grpo(
         rollout_seconds = time.perf_counter() - started
 
         # 3) Score: each completion's reward r_i, then its advantage A_i relative to its own group.
-        correctness = torch.tensor(correctness_reward(texts, answers))  # (N,)
-        formatting = torch.tensor(format_reward(texts))  # (N,)
-        rewards = correctness + formatting  # (N,): r_i, as combined_reward defines it
+        rewards = torch.tensor(combined_reward(texts, answers))  # (N,): r_i, correctness + format
         advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
         truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
         loss_mask = completion_mask  # (N, T): the tokens that get a loss
@@ -1418,8 +1306,7 @@ def train_with_grpo(
         now = time.perf_counter()
         seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - started}
         history.append({"step": step + 1, "iteration": step // num_steps + 1, **step_metrics(
-            rewards, correctness, formatting, truncated, completion_mask, attention_mask, num_generations, updates,
-            seconds)})
+            texts, answers, rewards, truncated, completion_mask, attention_mask, num_generations, updates, seconds)})
         run.end_step(history[-1], (batch[0]["question"], texts[0], answers[0], rewards[0].item()),
                      policy, tokenizer, optimizer, reference)  # engineering C: print, metrics.jsonl, checkpoint
 
@@ -1428,7 +1315,7 @@ def train_with_grpo(
 
 
 # ================================================================================================
-# Engineering D: loading data and models, the output folder, and their error messages
+# Engineering D: loading, the output folder, one-line errors, and main's bookkeeping
 # (skip on first reading; the tutorial continues at section 9)
 # ================================================================================================
 # Every expected failure (a missing file, a bad flag value, an unknown model, no network) ends in one
@@ -1469,46 +1356,47 @@ def use_hub_cache_only_if_offline() -> None:
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read by datasets on import
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an error's message, without a final full stop (or the error's type)."""
+    return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+
+
 def _gsm8k_rows(source: str, split: str) -> list[dict]:
     """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
-    if looks_local(source):
-        if os.path.isdir(source) or (os.path.exists(source) and not source.endswith((".json", ".jsonl"))):
-            raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
-        if not os.path.isfile(source):
-            hint = "" if "/" in source or source.endswith((".json", ".jsonl")) else \
-                " (a hub data set is named owner/name, e.g. openai/gsm8k)"
-            raise DataError(f"data file not found: {source}{hint}")
-        try:
-            with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
-                text = f.read()
-        except UnicodeDecodeError:
-            raise DataError(f"{source} is not UTF-8 text") from None
-        if not text.strip():
-            raise DataError(f"data file is empty: {source}")
-        try:
-            if text.lstrip().startswith("["):
-                return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
-    use_hub_cache_only_if_offline()
-    import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
+    if not looks_local(source):
+        use_hub_cache_only_if_offline()
+        import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
 
+        try:
+            return list(datasets.load_dataset(source, "main", split=split))
+        except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
+            raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line(e)}; "
+                            f"{OFFLINE_ADVICE}") from None
+    if os.path.isdir(source) or (os.path.exists(source) and not source.endswith((".json", ".jsonl"))):
+        raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
+    if not os.path.isfile(source):
+        hint = "" if "/" in source or source.endswith((".json", ".jsonl")) else \
+            " (a hub data set is named owner/name, e.g. openai/gsm8k)"
+        raise DataError(f"data file not found: {source}{hint}")
     try:
-        return list(datasets.load_dataset(source, "main", split=split))
-    except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
-        first_line = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line}; "
-                        f"{OFFLINE_ADVICE}") from None
+        with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
+            text = f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"{source} is not UTF-8 text") from None
+    if not text.strip():
+        raise DataError(f"data file is empty: {source}")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
 
 
 def load_gsm8k(source: str, split: str = "train") -> list[dict]:
-    """GSM8K-style examples as [{"question": str, "answer": str}], the answer being the part after '####'.
-
-    source is a hub name ("openai/gsm8k", config "main") or a local .json/.jsonl file with the same
-    `question` / `answer` fields. Rows whose answer has no '####' are skipped and counted; an error is
-    raised only if no row remains.
-    """
+    """GSM8K-style examples [{"question": str, "answer": str}], the answer being the part after '####',
+    from a hub name ("openai/gsm8k", config "main") or a local .json/.jsonl file with the same fields.
+    Rows without a question or a '####' answer are skipped and counted; no row left is an error."""
     rows = _gsm8k_rows(source, split)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
@@ -1517,47 +1405,19 @@ def load_gsm8k(source: str, split: str = "train") -> list[dict]:
     missing = {"question", "answer"} - set(rows[0])
     if missing:
         raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {sorted(missing)}")
-    examples, skipped = [], 0
-    for row in rows:
-        answer = extract_answer_from_dataset(str(row.get("answer", "")))
-        if answer is None or not str(row.get("question", "")).strip():
-            skipped += 1
-            continue
-        examples.append({"question": str(row["question"]), "answer": answer})
+    examples = [{"question": str(row["question"]), "answer": extract_answer_from_dataset(str(row.get("answer", "")))}
+                for row in rows if str(row.get("question", "")).strip()]
+    examples = [ex for ex in examples if ex["answer"] is not None]
     if not examples:
         raise DataError(f"{source}: none of the {len(rows)} rows has a question and an answer with '####'")
-    if skipped:
-        print(f"{source}: skipped {skipped} of {len(rows)} rows without a question or a '####' answer")
+    if len(examples) < len(rows):
+        print(f"{source}: skipped {len(rows) - len(examples)} of {len(rows)} rows without a question or a '####' answer")
     return examples
-
-
-def resolve_device(choice: str) -> torch.device:
-    """--device auto/cuda/cpu as a torch.device (cuda means GPU 0, with DataParallel over all visible GPUs;
-    under torchrun, start_workers moves each process to its own GPU)."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for, but torch sees no GPU")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def avoid_attention_kernels_that_nan_on_padding() -> None:
-    """Switch off cuDNN's attention kernel for this process (SDPA keeps flash, memory-efficient, math).
-
-    Left-padded prompts make attention rows that attend to nothing (a pad position sees only pads),
-    and transformers hands them to scaled_dot_product_attention as they are. On H100/H200 with
-    torch >= 2.9, SDPA prefers cuDNN's kernel when a mask is given, and that kernel has returned NaN
-    for such rows (unsloth PR #9848) and NaN gradients when the length is 64 mod 128 with any mask
-    (pytorch #196678, TRL #7181). The remaining kernels give 0 for an empty row. The switch is global,
-    so it covers DataParallel's replica threads and the backward pass; it costs cuDNN's extra speed.
-    """
-    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def load_model_and_tokenizer(name: str, device: torch.device):
     """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
-    its tokenizer, checked for what GRPO needs: a chat template and a pad token. Attention runs in
-    PyTorch's SDPA kernels, without cuDNN's (see avoid_attention_kernels_that_nan_on_padding)."""
+    its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
     path = os.path.expanduser(name)
     if looks_local(name) and not os.path.isdir(path):
         raise DataError(f"model directory not found: {name}")
@@ -1565,17 +1425,20 @@ def load_model_and_tokenizer(name: str, device: torch.device):
         use_hub_cache_only_if_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation="sdpa")  # fused attention kernels
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         advice = "" if looks_local(name) else f"; {OFFLINE_ADVICE}"
-        raise DataError(f"could not load model '{name}': {first_line}{advice}") from None
+        raise DataError(f"could not load model '{name}': {first_line(e)}{advice}") from None
     if not tokenizer.chat_template:
         raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    avoid_attention_kernels_that_nan_on_padding()
+    # Left-padded prompts make attention rows that attend to nothing (a pad sees only pads). On H100/H200
+    # with torch >= 2.9 SDPA prefers cuDNN's kernel when a mask is given, and it has returned NaN for such
+    # rows (unsloth PR #9848) and NaN gradients at lengths 64 mod 128 (pytorch #196678, TRL #7181); the
+    # other kernels (flash, memory-efficient, math) give 0. The switch is process-wide: it covers
+    # DataParallel's replica threads and the backward pass too.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     return model.to(device), tokenizer
 
 
@@ -1593,12 +1456,10 @@ def finished_model_in(output_dir: str) -> bool:
 
 
 def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from (or None), after checking that --output_dir may be used; no side effects.
-
-    A folder that holds a run worth keeping (a checkpoint or a finished model) is never silently
-    reused: --resume_from carries it on, --overwrite_output_dir starts again. A folder with neither
-    (an attempt stopped before its first checkpoint) is simply started again.
-    """
+    """The checkpoint to resume from (or None), after checking that --output_dir may be used. A folder
+    holding a run worth keeping (a checkpoint or a finished model) is never silently reused:
+    --resume_from carries it on, --overwrite_output_dir starts again; a folder with neither (an attempt
+    stopped before its first checkpoint) is simply started again."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--output_dir {out} is a file, not a folder")
@@ -1611,23 +1472,12 @@ def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
         if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
             raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
         return checkpoint
-    held = [os.path.basename(path) for path in list_checkpoints(out)]
-    held += ["a finished model"] if finished_model_in(out) else []
+    held = [os.path.basename(path) for path in list_checkpoints(out)] + (
+        ["a finished model"] if finished_model_in(out) else [])
     if held and not args.overwrite_output_dir:
         raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
                         "or start again with --overwrite_output_dir")
     return None
-
-
-def clear_previous_run(output_dir: str) -> None:
-    """Before a new run in output_dir: delete an earlier run's checkpoints, metrics, evaluation and the
-    config.json that marks a finished model (its weights are overwritten at the end). Called only once
-    the new run's model has loaded, so a run that fails to start deletes nothing."""
-    for path in list_checkpoints(output_dir):
-        shutil.rmtree(path)
-    for name in ("metrics.jsonl", "eval.json", "config.json"):
-        if os.path.exists(os.path.join(output_dir, name)):
-            os.remove(os.path.join(output_dir, name))
 
 
 def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | None) -> None:
@@ -1647,6 +1497,23 @@ def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | 
     write_json(path, record)
 
 
+def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
+    """Create --output_dir once everything has loaded (a run that fails to start leaves nothing behind);
+    for a new run delete an earlier attempt's checkpoints, metrics, evaluation and the config.json that
+    marks a finished model; record the flags in args.json."""
+    out = args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        for path in list_checkpoints(out) if resume is None else []:
+            shutil.rmtree(path)
+        for name in ("metrics.jsonl", "eval.json", "config.json") if resume is None else ():
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        record_args(out, args, resume)
+    except OSError as e:
+        raise DataError(f"cannot write to --output_dir {out}: {e.strerror}") from None
+
+
 def what_to_run_next(args: argparse.Namespace) -> str:
     """After a stop: the command that carries on (or starts again), for the last line printed."""
     checkpoints = list_checkpoints(args.output_dir)
@@ -1656,24 +1523,11 @@ def what_to_run_next(args: argparse.Namespace) -> str:
     return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with --resume_from latest"
 
 
-def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
-    """Create --output_dir (only once everything has loaded: a run that fails to start leaves nothing
-    behind), clear an earlier attempt's files for a new run, and record the flags in args.json."""
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if resume is None:
-            clear_previous_run(args.output_dir)
-        record_args(args.output_dir, args, resume)
-    except OSError as e:
-        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
-
-
 class Session:
-    """Everything main() does besides load, evaluate, train, save, evaluate: the processes (torchrun),
-    the signal handler, resume, the output folder, eval.json, and one line and an exit code for each way
-    a run ends early: 1 for bad input or a non-finite run, 128 + signal (130 SIGINT, 143 SIGTERM) for
-    an interrupted one, every message naming the command that carries on. Under torchrun process 0
-    alone prints (the others exit with the same code)."""
+    """main()'s bookkeeping around load, evaluate, train, save, evaluate: torchrun's processes, the
+    signal handler, resume, the output folder, eval.json, and for each way a run ends early one line and
+    an exit code (1: bad input or a non-finite run; 128 + signal: 130 SIGINT, 143 SIGTERM) naming the
+    command that carries on. Under torchrun process 0 alone prints; the others exit with the same code."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.evaluation, self.trained, self.resumed = args, {}, False, False
@@ -1687,20 +1541,24 @@ class Session:
         return self
 
     def load(self) -> tuple:
-        """Seed, join torchrun's processes, load the data, the model (a resumed run: its checkpoint's) and
-        the resume state, then prepare --output_dir. Returns policy, tokenizer, training and evaluation
-        examples. Any process's DataError ends every process, and a failed start leaves nothing behind."""
+        """Seed; join torchrun's processes; load the data, the model (a resumed run: its checkpoint's) and
+        the resume state; prepare --output_dir. Any process's DataError ends every process.
+        Returns policy, tokenizer, training examples, evaluation examples."""
         args = self.args
         random.seed(args.seed)
         torch.manual_seed(args.seed)  # also seeds every CUDA device
-        self.parallel = parallel = start_parallel(resolve_device(args.device), args.bf16)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device cuda was asked for, but torch sees no GPU")
+        device = args.device  # cuda: GPU 0, DataParallel over every visible GPU (torchrun: one per process)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.parallel = parallel = start_parallel(torch.device(device), args.bf16)
         if not parallel.is_main:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
         error = resume = None
         try:
-            train_examples = load_gsm8k(args.dataset, "train")
-            eval_examples = []
+            train_examples, eval_examples = load_gsm8k(args.dataset, "train"), []
             if args.eval_size:
                 if args.eval_dataset is None and looks_local(args.dataset):
                     raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
@@ -1717,14 +1575,12 @@ class Session:
         except DataError as e:
             error = str(e)
         parallel.check(error)
-        if args.gradient_checkpointing:
-            # Recompute activations during backward; transformers applies it only in train mode, and the
-            # loop switches to eval mode for generation, so rollouts keep their full speed.
+        if args.gradient_checkpointing:  # transformers applies it in train mode only: rollouts keep their speed
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         gpus = torch.cuda.device_count() if parallel.device.type == "cuda" else 0
         if parallel.world_size > 1:
-            print(f"torchrun: {parallel.world_size} processes ({torch.distributed.get_backend()}), "
-                  f"process 0 on {parallel.device}")
+            print(f"torchrun: {parallel.world_size} processes ({torch.distributed.get_backend()}), process 0 on "
+                  f"{parallel.device}")
         else:
             print(f"device {parallel.device} ({gpus} GPU(s) via DataParallel)" if gpus else "device cpu (float32)")
         print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
@@ -1737,19 +1593,17 @@ class Session:
         if resume and os.path.exists(eval_path):  # the "before" evaluation is kept from the first start
             with open(eval_path, encoding="utf-8") as f:
                 self.evaluation = json.load(f)
-        self.stop.where = f"before step {resume['step'] + 1 if resume else 1}"
-        self.resumed = resume is not None
-        self.run = RunControl(
+        self.stop.where, self.resumed = f"before step {resume['step'] + 1 if resume else 1}", resume is not None
+        self.run = RunControl(  # it lets go of the resume state once used: the optimizer state is large
             output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
             save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
             log_completions_steps=args.log_completions_steps, resume=resume, stop=self.stop, parallel=parallel)
-        return policy, tokenizer, train_examples, eval_examples  # RunControl lets go of the resume state once used
+        return policy, tokenizer, train_examples, eval_examples
 
     def evaluate(self, when: str, policy, tokenizer, examples: list[dict]) -> None:
         """The "before" or "after" evaluation (every process takes part), written to eval.json. "before"
-        is kept from a resumed run's first start; "after" is run when this run trained or lacks one."""
-        done = self.resumed if when == "before" else (not self.trained and "after" in self.evaluation)
-        if not examples or done:
+        is kept from a resumed run's first start; "after" runs when this run trained or has none yet."""
+        if not examples or (self.resumed if when == "before" else not self.trained and "after" in self.evaluation):
             return
         self.evaluation[when] = evaluate_model(policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
                                                batch_size=self.args.eval_batch_size, label=f"eval {when}",
@@ -1762,7 +1616,7 @@ class Session:
                   f", lenient {before['lenient_accuracy']:.1%} -> {after['lenient_accuracy']:.1%}")
 
     def save(self, policy, tokenizer, history: list[dict]) -> None:
-        """Save the final model (still under the training signal rule), then stop if a signal came meanwhile."""
+        """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
         out = self.args.output_dir
         if self.parallel.is_main and (history or not finished_model_in(out)):
             policy.save_pretrained(out)
@@ -1800,13 +1654,12 @@ class Session:
 
 
 def exit_process(code: int | str | None) -> None:
-    """End the process as sys.exit(code) would (a message is printed and gives status 1). Under
-    torchrun, without Python's teardown once the outputs are flushed: DistributedDataParallel leaves
-    the process group's threads behind (its autograd hooks keep them, whatever is deleted), and gloo
-    aborts the process now and then when they are destroyed at interpreter exit, after all the work."""
+    """End the process as sys.exit(code) would. Under torchrun, without Python's teardown once the outputs
+    are flushed: DistributedDataParallel's autograd hooks keep the process group's threads alive, and
+    gloo now and then aborts the process when they are destroyed at interpreter exit."""
     if not torch.distributed.is_initialized():
         sys.exit(code)
-    if isinstance(code, str):
+    if isinstance(code, str):  # sys.exit(message): the message, status 1
         print(code, file=sys.stderr)
         code = 1
     sys.stdout.flush()
@@ -1819,8 +1672,8 @@ def exit_process(code: int | str | None) -> None:
 # 9. The command line
 # ================================================================================================
 
-def _number_type(kind, name: str, check, requirement: str):
-    """An argparse type that converts with `kind` and rejects values failing `check`."""
+def _number_type(kind, check, requirement: str):
+    """An argparse type: kind(text), refused with exit 2 and a one-line message unless check(value)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -1829,29 +1682,18 @@ def _number_type(kind, name: str, check, requirement: str):
         if not check(value):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
-    parse.__name__ = name
     return parse
 
 
-positive_int = _number_type(int, "positive_int", lambda v: v > 0, "a positive integer")
-non_negative_int = _number_type(int, "non_negative_int", lambda v: v >= 0, "0 or more")
-at_least_two = _number_type(int, "at_least_two", lambda v: v >= 2, "at least 2 (the advantage needs a group std)")
-positive_float = _number_type(float, "positive_float", lambda v: v > 0 and math.isfinite(v), "a positive number")
-non_negative_float = _number_type(float, "non_negative_float", lambda v: v >= 0 and math.isfinite(v), "0 or more")
-open_unit_float = _number_type(float, "open_unit_float", lambda v: 0 < v < 1, "strictly between 0 and 1")
+positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number_type(int, lambda v: v >= 0, "0 or more")
+at_least_two = _number_type(int, lambda v: v >= 2, "at least 2 (the advantage needs a group std)")
+positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_float = _number_type(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
+open_unit_float = _number_type(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 
 
-EXAMPLES = """examples:
-  # CPU smoke run with a small real model (downloads it once)
-  python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
-      --max_completion_length 32 --eval_size 4
-  # the real run on one GPU
-  CUDA_VISIBLE_DEVICES=0 python grpo.py --num_generations 4 --mu 3
-  # several GPUs in one process (DataParallel over all visible GPUs)
-  python grpo.py --num_generations 4 --mu 3
-  # one process per GPU (DistributedDataParallel), on one machine or several; --batch_size divisible by 8
-  torchrun --nproc_per_node 8 grpo.py --num_generations 4 --mu 3 --batch_size 8
-"""
+EXAMPLES = "examples:\n" + (__doc__ or "").split("Commands:\n")[1].split("\n\n")[0]  # the module docstring's
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -998,7 +998,7 @@ def test_no_reference_model_is_made_when_beta_is_zero(tiny, tiny_dir, monkeypatc
 
 def test_step_record_reports_zero_std_groups_and_truncation():
     rewards = torch.tensor([2.8, 2.8, 0.0, 0.8])  # G = 2: the first group agrees (no signal), the second not
-    record = grpo.step_metrics(rewards, rewards, rewards * 0, torch.tensor([True, False, False, False]),
+    record = grpo.step_metrics(["a"] * 4, ["1"] * 4, rewards, torch.tensor([True, False, False, False]),
                                torch.ones(4, 3), torch.ones(4, 5), 2, [{"loss": 0.0, "skipped": False}],
                                {"step": 1.0, "rollout": 0.5, "update": 0.5})
     assert record["frac_reward_zero_std"] == 0.5 and record["truncated_ratio"] == 0.25
