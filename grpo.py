@@ -348,7 +348,8 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float) -> torch.Tensor:
         token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
         log_normalizers = torch.stack([  # (N, T); at T = 1 no scaled copy of the row is made
-            torch.logsumexp(row.float() if temperature == 1.0 else row.float() / temperature, dim=-1) for row in logits])
+            torch.logsumexp(row.float() if temperature == 1.0 else row.float() / temperature, dim=-1)
+            for row in logits])
         ctx.save_for_backward(logits, token_ids, log_normalizers)
         ctx.temperature, ctx.used = temperature, False
         return token_logits - log_normalizers  # (N, T)
@@ -475,10 +476,10 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
 # ================================================================================================
 # 6. Rollouts: sampling G completions per prompt
 # ================================================================================================
-# The ratio and the KL score each completion under softmax(logits / temperature). The completions must
-# therefore come from exactly that distribution, which generate()'s own sampling does not promise: it
-# applies the checkpoint's generation_config (Qwen2.5-Instruct ships top_k 20, top_p 0.8 and a
-# repetition penalty). So generate() runs in greedy mode and a sampler of our own picks each token.
+# The ratio and the KL score each completion under softmax(logits / temperature), so the completions
+# must come from exactly that distribution. generate()'s own sampling applies the checkpoint's settings
+# (Qwen2.5-Instruct ships top_k 20, top_p 0.8, a repetition penalty); so it runs in greedy mode, and a
+# sampler of our own picks each token.
 
 
 class InverseCDFSampler(LogitsProcessor):
@@ -519,9 +520,8 @@ def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     samplers = LogitsProcessorList()
     if temperature is not None:
         samplers.append(InverseCDFSampler(temperature, uniforms, prompt_ids.size(1)))
-    # Greedy mode applies none of the checkpoint's sampling filters; the repetition penalty, which greedy
-    # mode would apply, is switched off. (Qwen2.5 sets none of generate's other processors, such as
-    # suppress_tokens or no_repeat_ngram_size, which would also change the distribution.)
+    # Greedy mode applies none of the checkpoint's sampling filters, and its repetition penalty is switched
+    # off (Qwen2.5 sets none of generate's other processors, e.g. suppress_tokens, no_repeat_ngram_size).
     sequences = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
@@ -631,15 +631,13 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # The loop calls three methods of a Parallel object, each a lesson function with the work spread out
 # and the same result: generate (sample_sequences), log_probs (compute_log_probs in micro-batches, no
 # gradient) and accumulate_grpo_gradients.
-# `python grpo.py`: one process; nn.DataParallel splits a module's inputs along dim 0 over the visible
-# GPUs, runs a replica on each share in threads and concatenates the outputs on GPU 0. To make that
-# pay, the wrapped modules return small results: log-probs (n, T), not logits (n, T, V), and token ids
-# padded to one width. Without GPUs DataParallel calls the module directly: the tests run this path.
-# `torchrun ... grpo.py`: one process per GPU (or CPU worker, gloo), on one machine or many. Each holds
-# a whole policy, reference model and optimizer and the whole step's prompts; it samples and scores
-# its block of the step's rows and the blocks are gathered, so every process holds the completions,
-# rewards and advantages of a single-process run. Its rows' update runs through
-# DistributedDataParallel, which averages the gradients once per update. Process 0 alone writes.
+# `python grpo.py`: nn.DataParallel splits a module's inputs along dim 0 over the visible GPUs, runs a
+# replica on each share in threads and concatenates the outputs on GPU 0; the wrapped modules return
+# small results (log-probs, not logits; token ids padded to one width). Without GPUs it calls the module
+# directly: the tests run this path. `torchrun ... grpo.py`: one process per GPU (or CPU worker, gloo),
+# each with a whole policy, reference model and optimizer; each samples and scores its block of the
+# step's rows and the blocks are gathered, so every process holds a single-process run's completions,
+# rewards and advantages. Its rows' update runs through DistributedDataParallel. Process 0 alone writes.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -658,18 +656,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def _expose_replica_parameters(module: nn.Module) -> None:
-    """Let transformers' generate() find the device of a DataParallel replica, which reads it from
+    """Let transformers' generate() find the device of a DataParallel replica, which it reads from
     parameters(): a replica keeps its weights as plain attributes (in _former_parameters). A torch
     release that stores them elsewhere fails here with a clear error, not deep inside generate()."""
     for sub in module.modules():
         if getattr(sub, "_is_replica", False) and not sub._parameters:
-            if not hasattr(sub, "_former_parameters"):
-                raise RuntimeError(f"torch {torch.__version__} keeps DataParallel replicas' weights where grpo.py "
-                                   "cannot find them (no _former_parameters); run on one GPU (CUDA_VISIBLE_DEVICES=0)")
-            sub._parameters = dict(sub._former_parameters)
+            sub._parameters = dict(getattr(sub, "_former_parameters", {}))
     if next(module.parameters(), None) is None:
-        raise RuntimeError(f"torch {torch.__version__}: a DataParallel replica exposes no parameters, so "
-                           "generate() cannot find its device; run on one GPU (CUDA_VISIBLE_DEVICES=0)")
+        raise RuntimeError(f"torch {torch.__version__} keeps DataParallel replicas' weights where grpo.py "
+                           "cannot find them (no _former_parameters); run on one GPU (CUDA_VISIBLE_DEVICES=0)")
 
 
 class GenerateModule(nn.Module):
@@ -706,8 +701,7 @@ class LogProbModule(nn.Module):
 @dataclass
 class Parallel:
     """This process's place in the run (process 0 of 1 without torchrun), its device and autocast, and
-    the lesson's heavy functions spread over GPUs and processes. Each method returns what the lesson's
-    function returns on one device; with one process the collectives do nothing."""
+    the lesson's heavy functions spread over GPUs and processes, each returning what the lesson's does."""
 
     rank: int = 0
     world_size: int = 1
@@ -757,8 +751,7 @@ class Parallel:
         return int(tensor.item())
 
     def check(self, error: str | None) -> None:
-        """Raise DataError on every process if any met one (the first one's message): no process is left
-        waiting in a collective for one that has exited."""
+        """Raise DataError on every process if any met one: no process waits for one that has exited."""
         errors = [error]
         if self.world_size > 1:
             errors = [None] * self.world_size
@@ -777,8 +770,7 @@ class Parallel:
 
     def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None,
                  **settings) -> torch.Tensor:
-        """sample_sequences for all N rows, as (N, P + max_new_tokens): this process's block, split over
-        its GPUs, then the blocks gathered."""
+        """sample_sequences of all N rows (N, P + max_new_tokens): this process's block, over its GPUs."""
         rows = self.rows(len(prompt_ids))
         if rows.start == rows.stop:  # more processes than rows (a short last evaluation batch)
             part = prompt_ids.new_zeros((0, prompt_ids.size(1) + settings["max_new_tokens"]))
@@ -803,11 +795,10 @@ class Parallel:
                                   old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
                                   micro_batch_size: int, beta: float, epsilon: float, temperature: float,
                                   **variant) -> tuple[torch.Tensor, dict]:
-        """accumulate_grpo_gradients on this process's rows, micro_batch_size per GPU at a time, through
-        DistributedDataParallel under torchrun: the log-probs of all N rows (N, T) and the loss and
-        metrics as floats averaged over the processes. Each process averages its loss over its own rows
-        ("dapo": divides by the step's tokens / world_size) and DDP averages the gradients, so the update
-        is the single-process full-batch one."""
+        """accumulate_grpo_gradients on this process's rows (through DistributedDataParallel under torchrun):
+        the log-probs of all N rows (N, T), the loss and metrics as floats averaged over the processes.
+        Each process averages its loss over its rows ("dapo": over the step's tokens / world_size) and DDP
+        averages the gradients, so the update is the single-process full-batch one."""
         if self.world_size > 1 and self.trained is None:
             self.trained = nn.parallel.DistributedDataParallel(
                 policy, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -824,9 +815,8 @@ class Parallel:
 
 
 def start_parallel(device: torch.device, bf16: bool) -> Parallel:
-    """Join torchrun's process group when torchrun started this process (it sets WORLD_SIZE, RANK and
-    LOCAL_RANK): NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU; else one process on
-    `device`. bf16: autocast on GPU."""
+    """Join torchrun's process group if torchrun started this process (WORLD_SIZE, RANK, LOCAL_RANK):
+    NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU. bf16: autocast on GPU."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
     if world_size > 1:
         if device.type == "cuda":
@@ -900,7 +890,8 @@ def print_run_summary(history: list[dict], device: torch.device) -> None:
     """The run at a glance (reward, correctness, format, KL as sparklines) and where the time went."""
     if not history:
         return
-    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"), ("kl", "kl")):
+    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"),
+                       ("kl", "kl")):
         print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
     mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}  # NaN-safe
     print(f"summary: {len(history)} step{'s' if len(history) > 1 else ''}, {mean['step_seconds']:.2f} s/step = rollout "
@@ -1343,15 +1334,15 @@ def use_hub_cache_only_if_offline() -> None:
     within 3 s, and if the hub cannot be reached use only the local cache (as HF_HUB_OFFLINE=1 would)."""
     import huggingface_hub.constants
 
-    if huggingface_hub.constants.HF_HUB_OFFLINE or any(
-            os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # offline already, or a proxy that a direct connection would not go through
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # a direct connection would not use them
+    if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in proxies):
+        return
     endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, port), timeout=3).close()
+        socket.create_connection((endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)),
+                                 timeout=3).close()
     except OSError:
-        print(f"{host} cannot be reached: using only the local hub cache", flush=True)
+        print(f"{endpoint.hostname} cannot be reached: using only the local hub cache", flush=True)
         huggingface_hub.constants.HF_HUB_OFFLINE = True  # what transformers asks before any download
         os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read by datasets on import
 
@@ -1411,7 +1402,8 @@ def load_gsm8k(source: str, split: str = "train") -> list[dict]:
     if not examples:
         raise DataError(f"{source}: none of the {len(rows)} rows has a question and an answer with '####'")
     if len(examples) < len(rows):
-        print(f"{source}: skipped {len(rows) - len(examples)} of {len(rows)} rows without a question or a '####' answer")
+        print(f"{source}: skipped {len(rows) - len(examples)} of {len(rows)} rows without a question or a "
+              "'####' answer")
     return examples
 
 
@@ -1520,7 +1512,8 @@ def what_to_run_next(args: argparse.Namespace) -> str:
     if not checkpoints:
         return "no checkpoint was saved: run the same command again to start over"
     without = " without --overwrite_output_dir and" if args.overwrite_output_dir else ""
-    return f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with --resume_from latest"
+    return (f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with "
+            "--resume_from latest")
 
 
 class Session:
@@ -1605,9 +1598,9 @@ class Session:
         is kept from a resumed run's first start; "after" runs when this run trained or has none yet."""
         if not examples or (self.resumed if when == "before" else not self.trained and "after" in self.evaluation):
             return
-        self.evaluation[when] = evaluate_model(policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
-                                               batch_size=self.args.eval_batch_size, label=f"eval {when}",
-                                               generate=self.parallel.generate)
+        self.evaluation[when] = evaluate_model(
+            policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
+            batch_size=self.args.eval_batch_size, label=f"eval {when}", generate=self.parallel.generate)
         if self.parallel.is_main:
             write_json(os.path.join(self.args.output_dir, "eval.json"), self.evaluation)
         if when == "after" and "before" in self.evaluation:
@@ -1702,17 +1695,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def build_parser() -> argparse.ArgumentParser:
     """Every hyperparameter as a flag, grouped; defaults follow the seed notebook's run."""
-    parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module docstring).",
-                                     formatter_class=_HelpFormatter, epilog=EXAMPLES)
+    parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module "
+                                     "docstring).", formatter_class=_HelpFormatter, epilog=EXAMPLES)
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub id or local directory of a chat model")
+    g.add_argument("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub id or local folder of a chat model")
     g.add_argument("--dataset", default="openai/gsm8k", help="hub data set (config 'main', split 'train') or a "
                    "local .json/.jsonl file with GSM8K's 'question' and 'answer' ('... #### 72') fields")
-    g.add_argument("--eval_dataset", default=None, help="held-out data, same forms as --dataset; default: the "
-                   "'test' split of --dataset when it is a hub data set (a local --dataset needs this flag for evaluation)")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="auto = every visible GPU if there is one (under torchrun: one per process), else CPU; "
-                        "pick GPUs with CUDA_VISIBLE_DEVICES")
+    g.add_argument("--eval_dataset", default=None, help="held-out data, same forms; default: the 'test' split of "
+                   "a hub --dataset (a local --dataset needs this flag for evaluation)")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = every visible GPU if "
+                   "there is one (torchrun: one per process), else CPU; pick GPUs with CUDA_VISIBLE_DEVICES")
     g.add_argument("--seed", type=int, default=42, help="seeds python and torch (sampling, data order)")
 
     g = parser.add_argument_group("GRPO schedule")
@@ -1733,7 +1725,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon", type=open_unit_float, default=0.2, help="PPO clip range: ratio kept in [1-eps, 1+eps]")
     g.add_argument("--learning_rate", type=positive_float, default=5e-6, help="AdamW learning rate (constant)")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--max_grad_norm", type=positive_float, default=0.1, help="clip the gradient's global L2 norm to this")
+    g.add_argument("--max_grad_norm", type=positive_float, default=0.1, help="clip the gradients' global L2 norm")
     g.add_argument("--micro_batch_size", type=positive_int, default=4,
                    help="sequences per forward/backward pass on each GPU; lower it if memory runs out (same result)")
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -1742,45 +1734,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
 
     g = parser.add_argument_group("GRPO variants, with TRL's names (the defaults are DeepSeekMath's GRPO)")
-    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"],
-                   help="how per-token objectives are averaged: grpo = mean over completions of each one's token "
-                        "mean; dapo = mean over all completion tokens (DAPO); dr_grpo = token sum / (N * "
-                        "max_completion_length) (Dr. GRPO)")
-    g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
-                   help="advantage = (r - group mean) / divisor: group = group std + 1e-4; batch = std of all "
-                        "the step's rewards + 1e-4; none = no division (Dr. GRPO)")
-    g.add_argument("--epsilon_high", type=positive_float, default=None,
-                   help="DAPO's clip-higher: the ratio is kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); "
-                        "default: --epsilon")
-    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
-                   help="token = one ratio per token; sequence = exp(mean log-ratio of the completion) for all "
-                        "its tokens (GSPO, which uses --epsilon 3e-4 --epsilon_high 4e-4)")
+    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="how per-token objectives "
+                   "are averaged: grpo = mean over completions of each one's token mean; dapo = mean over all "
+                   "completion tokens (DAPO); dr_grpo = token sum / (N * max_completion_length) (Dr. GRPO)")
+    g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage = (r - "
+                   "group mean) / divisor: group = group std + 1e-4; batch = std of all the step's rewards + 1e-4; "
+                   "none = no division (Dr. GRPO)")
+    g.add_argument("--epsilon_high", type=positive_float, default=None, help="DAPO's clip-higher: the ratio is kept "
+                   "in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); default: --epsilon")
+    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"], help="token = one "
+                   "ratio per token; sequence = exp(mean log-ratio of the completion) for all its tokens (GSPO, "
+                   "which uses --epsilon 3e-4 --epsilon_high 4e-4)")
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
-                   help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length "
-                        "without an end-of-sequence token")
+                   help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
 
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval_size", type=non_negative_int, default=100,
                    help="held-out examples scored before and after training; 0 = skip evaluation")
     g.add_argument("--eval_batch_size", type=positive_int, default=32, help="prompts per greedy generate call")
 
-    g = parser.add_argument_group("output")
+    g = parser.add_argument_group("output, checkpoints and faults")
     g.add_argument("--output_dir", default="grpo_output",
-                   help="where the model, args.json, metrics.jsonl and eval.json are written")
+                   help="where the model, args.json, metrics.jsonl, eval.json and checkpoints are written")
     g.add_argument("--log_completions_steps", type=non_negative_int, default=10,
-                   help="print a sample completion every this many steps; 0 = never")
+                   help="print the diagnostics and a sample completion every this many steps; 0 = never")
     g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
                    help="start again in an --output_dir that holds a run (its checkpoints and metrics are deleted)")
-
-    g = parser.add_argument_group("checkpoints and faults")
-    g.add_argument("--save_steps", type=non_negative_int, default=50,
-                   help="save a checkpoint (weights, optimizer, reference model, RNG, step) every this many steps; "
-                        "0 = only at the end and when stopped early")
+    g.add_argument("--save_steps", type=non_negative_int, default=50, help="save a checkpoint (weights, optimizer, "
+                   "reference model, RNG, step) every this many steps; 0 = only at the end and when stopped early")
     g.add_argument("--save_total_limit", type=positive_int, default=2,
                    help="keep only the newest this many checkpoints (for the 1.5B model each is about 22 GB)")
-    g.add_argument("--resume_from", default=None,
-                   help="carry on from a checkpoint folder, or 'latest' for the newest one in --output_dir "
-                        "(a finished run: with a larger --num_steps, counted from the start of the run)")
+    g.add_argument("--resume_from", default=None, help="carry on from a checkpoint folder, or 'latest' for the "
+                   "newest in --output_dir (a finished run: with a larger --num_steps, counted from the run's start)")
     g.add_argument("--max_bad_steps", type=positive_int, default=3,
                    help="stop (with a checkpoint) after this many steps in a row with a skipped non-finite update")
     return parser
