@@ -1191,8 +1191,8 @@ def step_metrics(texts: list[str], answers: list[str], rewards: torch.Tensor, tr
     means = {name: sum(float(u[name]) for u in updates) / len(updates) for name in updates[0] if name != "skipped"}
     return {
         "reward": rewards.mean().item(),
-        "correctness_reward": statistics.mean(correctness_reward(texts, answers)),
-        "format_reward": statistics.mean(format_reward(texts)),
+        "correctness_reward": torch.tensor(correctness_reward(texts, answers)).mean().item(),
+        "format_reward": torch.tensor(format_reward(texts)).mean().item(),
         "reward_std": grouped.std(dim=1).mean().item(),
         "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
         **means,
@@ -1263,9 +1263,8 @@ def train_with_grpo(
         rewards = torch.tensor(combined_reward(texts, answers))  # (N,): r_i, correctness + format
         advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
         truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
-        loss_mask = completion_mask  # (N, T): the tokens that get a loss
-        if mask_truncated_completions:  # DAPO's overlong filtering: an unfinished completion gets none
-            loss_mask = completion_mask * ~truncated.unsqueeze(1)  # (N, T)
+        # loss_mask (N, T): the tokens that get a loss (DAPO's overlong filtering: none for an unfinished one)
+        loss_mask = completion_mask * ~truncated.unsqueeze(1) if mask_truncated_completions else completion_mask
 
         # 4) The reference model's log-probs of the same tokens, once per step: the KL anchor.
         ref_log_probs = None
