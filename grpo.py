@@ -733,33 +733,24 @@ class Parallel:
         torch.distributed.all_gather(blocks, padded)
         return torch.cat(blocks)[:num_rows].to(part.device)
 
+    def everyone(self, value) -> list:
+        """Every process's value (any picklable object), in rank order: [value] for a single process."""
+        values = [value] * self.world_size
+        if self.world_size > 1:
+            torch.distributed.all_gather_object(values, value)
+        return values
+
     def mean(self, values: dict) -> dict:
         """Each value (a number or a 0-d tensor) as a float, averaged over the processes."""
-        values = {name: float(value) for name, value in values.items()}
-        if self.world_size == 1:
-            return values
-        stacked = torch.tensor(list(values.values()), device=self.device)
-        torch.distributed.all_reduce(stacked)
-        return dict(zip(values, (stacked / self.world_size).tolist()))
-
-    def maximum(self, value: int) -> int:
-        """The largest of the processes' values (a signal number: all stop if one was signalled)."""
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], device=self.device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return int(tensor.item())
+        every = self.everyone({name: float(value) for name, value in values.items()})
+        return {name: sum(v[name] for v in every) / self.world_size for name in values}
 
     def check(self, error: str | None) -> None:
         """Raise DataError on every process if any met one: no process waits for one that has exited."""
-        errors = [error]
-        if self.world_size > 1:
-            errors = [None] * self.world_size
-            torch.distributed.all_gather_object(errors, error)
-        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        failed = [(rank, message) for rank, message in enumerate(self.everyone(error)) if message is not None]
         if failed:
             rank, message = failed[0]
-            error = DataError(message if self.world_size == 1 or rank == 0 else f"[process {rank}] {message}")
+            error = DataError(message if rank == 0 else f"[process {rank}] {message}")
             error.shared = True  # every process raises it; process 0 prints it
             raise error
 
@@ -1072,7 +1063,7 @@ class RunControl:
                   f">>> {text}\n---", flush=True)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         # Under torchrun a signal may reach the processes at different moments: all stop if one got it.
-        signum = self.parallel.maximum(self.stop.signum or 0) or None
+        signum = max(self.parallel.everyone(self.stop.signum or 0)) or None
         saved = "nothing new to save"
         if self.output_dir and (signum or self.bad_steps >= self.max_bad_steps or step == self.total_steps
                                 or (self.save_steps and step % self.save_steps == 0)):
@@ -1323,9 +1314,8 @@ OFFLINE_ADVICE = ("without a network, pass a local --dataset FILE.jsonl and --mo
 def looks_local(name: str) -> bool:
     """Whether name is meant as a local path rather than a hub id ("owner/name"): it starts with '.',
     '/' or '~', has a file extension or more than one '/', or its first folder exists here."""
-    first = name.split("/")[0]
     return (name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".jsonl"))
-            or os.path.isdir(first))
+            or os.path.isdir(name.split("/")[0]))
 
 
 def use_hub_cache_only_if_offline() -> None:
@@ -1392,9 +1382,9 @@ def load_gsm8k(source: str, split: str = "train") -> list[dict]:
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
     if not rows:
         raise DataError(f"{source}: no examples")
-    missing = {"question", "answer"} - set(rows[0])
-    if missing:
-        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {sorted(missing)}")
+    if {"question", "answer"} - set(rows[0]):
+        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing "
+                        f"{sorted({'question', 'answer'} - set(rows[0]))}")
     examples = [{"question": str(row["question"]), "answer": extract_answer_from_dataset(str(row.get("answer", "")))}
                 for row in rows if str(row.get("question", "")).strip()]
     examples = [ex for ex in examples if ex["answer"] is not None]
@@ -1409,26 +1399,25 @@ def load_gsm8k(source: str, split: str = "train") -> list[dict]:
 def load_model_and_tokenizer(name: str, device: torch.device):
     """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
     its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
-    path = os.path.expanduser(name)
-    if looks_local(name) and not os.path.isdir(path):
+    if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
         raise DataError(f"model directory not found: {name}")
     if not looks_local(name):
         use_hub_cache_only_if_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32,
+                                                     attn_implementation="sdpa")
     except (OSError, ValueError) as e:
-        advice = "" if looks_local(name) else f"; {OFFLINE_ADVICE}"
-        raise DataError(f"could not load model '{name}': {first_line(e)}{advice}") from None
+        raise DataError(f"could not load model '{name}': {first_line(e)}"
+                        f"{'' if looks_local(name) else '; ' + OFFLINE_ADVICE}") from None
     if not tokenizer.chat_template:
         raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Left-padded prompts make attention rows that attend to nothing (a pad sees only pads). On H100/H200
-    # with torch >= 2.9 SDPA prefers cuDNN's kernel when a mask is given, and it has returned NaN for such
-    # rows (unsloth PR #9848) and NaN gradients at lengths 64 mod 128 (pytorch #196678, TRL #7181); the
-    # other kernels (flash, memory-efficient, math) give 0. The switch is process-wide: it covers
-    # DataParallel's replica threads and the backward pass too.
+    # Left-padded prompts make attention rows that attend to nothing. On H100/H200 with torch >= 2.9 SDPA
+    # prefers cuDNN's kernel when a mask is given, which has returned NaN for such rows (unsloth PR #9848)
+    # and NaN gradients at lengths 64 mod 128 (pytorch #196678, TRL #7181); flash, memory-efficient and
+    # math give 0. The switch is process-wide: DataParallel's threads and the backward pass see it too.
     torch.backends.cuda.enable_cudnn_sdp(False)
     return model.to(device), tokenizer
 
@@ -1447,28 +1436,24 @@ def finished_model_in(output_dir: str) -> bool:
 
 
 def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from (or None), after checking that --output_dir may be used. A folder
-    holding a run worth keeping (a checkpoint or a finished model) is never silently reused:
-    --resume_from carries it on, --overwrite_output_dir starts again; a folder with neither (an attempt
-    stopped before its first checkpoint) is simply started again."""
+    """The checkpoint --resume_from names (None without it), after checking that --output_dir may be used:
+    a folder holding a run worth keeping (a checkpoint or a finished model) is never silently reused."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--output_dir {out} is a file, not a folder")
-    if args.resume_from:
-        checkpoint = args.resume_from
-        if checkpoint == "latest":
-            if not list_checkpoints(out):
-                raise DataError(f"--resume_from latest: no checkpoint in {out}")
-            checkpoint = list_checkpoints(out)[-1]
-        if not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
-            raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
-        return checkpoint
-    held = [os.path.basename(path) for path in list_checkpoints(out)] + (
-        ["a finished model"] if finished_model_in(out) else [])
-    if held and not args.overwrite_output_dir:
+    checkpoint = args.resume_from
+    if checkpoint == "latest":
+        if not list_checkpoints(out):
+            raise DataError(f"--resume_from latest: no checkpoint in {out}")
+        checkpoint = list_checkpoints(out)[-1]
+    if checkpoint and not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
+        raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
+    held = [os.path.basename(path) for path in list_checkpoints(out)]
+    held += ["a finished model"] if finished_model_in(out) else []
+    if not checkpoint and held and not args.overwrite_output_dir:
         raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
                         "or start again with --overwrite_output_dir")
-    return None
+    return checkpoint
 
 
 def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | None) -> None:
@@ -1492,17 +1477,16 @@ def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
     """Create --output_dir once everything has loaded (a run that fails to start leaves nothing behind);
     for a new run delete an earlier attempt's checkpoints, metrics, evaluation and the config.json that
     marks a finished model; record the flags in args.json."""
-    out = args.output_dir
     try:
-        os.makedirs(out, exist_ok=True)
-        for path in list_checkpoints(out) if resume is None else []:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for path in list_checkpoints(args.output_dir) if resume is None else []:
             shutil.rmtree(path)
         for name in ("metrics.jsonl", "eval.json", "config.json") if resume is None else ():
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        record_args(out, args, resume)
+            if os.path.exists(os.path.join(args.output_dir, name)):
+                os.remove(os.path.join(args.output_dir, name))
+        record_args(args.output_dir, args, resume)
     except OSError as e:
-        raise DataError(f"cannot write to --output_dir {out}: {e.strerror}") from None
+        raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
 
 
 def what_to_run_next(args: argparse.Namespace) -> str:
@@ -1525,17 +1509,37 @@ class Session:
         self.args, self.evaluation, self.trained, self.resumed = args, {}, False, False
         self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for one process
         self.quiet = int(os.environ.get("RANK", "0")) != 0
-        self.stop = StopRequest(repeat_quits=not self.under_torchrun)
-        self.parallel = Parallel()
+        self.stop, self.parallel = StopRequest(repeat_quits=not self.under_torchrun), Parallel()
 
     def __enter__(self) -> "Session":
         self.previous = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
+    def _agreed(self, function, *args):
+        """function(*args) (None: nothing to do on this process); a DataError on any process ends all."""
+        try:
+            result, error = function(*args) if function else None, None
+        except DataError as e:
+            result, error = None, str(e)
+        self.parallel.check(error)
+        return result
+
+    def _load(self) -> tuple:
+        """The data, the model (a resumed run: its checkpoint's) and the resume state."""
+        args = self.args
+        train_examples, eval_examples = load_gsm8k(args.dataset, "train"), []
+        if args.eval_size:
+            if args.eval_dataset is None and looks_local(args.dataset):
+                raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
+            eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
+        resume_from = checkpoint_to_resume(args)
+        policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, self.parallel.device)
+        resume = load_training_state(resume_from, self.parallel.device) if resume_from else None
+        return policy, tokenizer, train_examples, eval_examples, resume
+
     def load(self) -> tuple:
-        """Seed; join torchrun's processes; load the data, the model (a resumed run: its checkpoint's) and
-        the resume state; prepare --output_dir. Any process's DataError ends every process.
-        Returns policy, tokenizer, training examples, evaluation examples."""
+        """Seed; join torchrun's processes; load; prepare --output_dir (process 0). Returns policy, tokenizer,
+        training and evaluation examples; the resume state goes to the RunControl, self.run."""
         args = self.args
         random.seed(args.seed)
         torch.manual_seed(args.seed)  # also seeds every CUDA device
@@ -1548,25 +1552,8 @@ class Session:
         if not parallel.is_main:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
-        error = resume = None
-        try:
-            train_examples, eval_examples = load_gsm8k(args.dataset, "train"), []
-            if args.eval_size:
-                if args.eval_dataset is None and looks_local(args.dataset):
-                    raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
-                eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
-            resume_from = checkpoint_to_resume(args)
-            policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, parallel.device)
-            resume = load_training_state(resume_from, parallel.device) if resume_from else None
-        except DataError as e:
-            error = str(e)
-        parallel.check(error)
-        try:
-            if parallel.is_main:
-                prepare_output_dir(args, resume)
-        except DataError as e:
-            error = str(e)
-        parallel.check(error)
+        policy, tokenizer, train_examples, eval_examples, resume = self._agreed(self._load)
+        self._agreed(prepare_output_dir if parallel.is_main else None, args, resume)
         if args.gradient_checkpointing:  # transformers applies it in train mode only: rollouts keep their speed
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         gpus = torch.cuda.device_count() if parallel.device.type == "cuda" else 0
@@ -1609,11 +1596,10 @@ class Session:
 
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
-        out = self.args.output_dir
-        if self.parallel.is_main and (history or not finished_model_in(out)):
-            policy.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            print(f"saved the trained model and tokenizer to {out}")
+        if self.parallel.is_main and (history or not finished_model_in(self.args.output_dir)):
+            policy.save_pretrained(self.args.output_dir)
+            tokenizer.save_pretrained(self.args.output_dir)
+            print(f"saved the trained model and tokenizer to {self.args.output_dir}")
         self.parallel.barrier()
         self.trained, self.stop.training = bool(history), False
         self.stop.where = "during the evaluation after training (the trained model is saved)"
@@ -1626,7 +1612,7 @@ class Session:
         if error is None:
             self.parallel.barrier()  # no process tears down the process group while another still uses it
             return False
-        carry_on = what_to_run_next(self.args)
+        carry_on, signum = what_to_run_next(self.args), self.stop.signum
         if isinstance(error, (DataError, FloatingPointError)):
             raise SystemExit(1 if self.quiet and getattr(error, "shared", False) else f"error: {error}")
         if isinstance(error, Stopped) and error.signum is None:  # repeated non-finite updates
@@ -1635,9 +1621,8 @@ class Session:
             code, message = 128 + error.signum, f"{error}; {carry_on}"
         elif isinstance(error, KeyboardInterrupt):  # a second Ctrl-C during training: the user wants out now
             code, message = 128 + signal.SIGINT, f"interrupted; quit without saving; {carry_on}"
-        elif isinstance(error, RuntimeError) and self.under_torchrun and self.stop.signum is not None:
-            # a collective whose peer has already stopped
-            code, message = 128 + self.stop.signum, f"stopped by {signal.Signals(self.stop.signum).name}; {carry_on}"
+        elif isinstance(error, RuntimeError) and self.under_torchrun and signum:  # a peer has already stopped
+            code, message = 128 + signum, f"stopped by {signal.Signals(signum).name}; {carry_on}"
         else:
             return False
         if not self.quiet:
