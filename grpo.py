@@ -22,10 +22,9 @@ Which GRPO this is (the paper leaves these open; each is settled in the docstrin
     loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t) A_i) - beta KL_t], the first
                end-of-sequence token counted in |o_i|
     mu         policy updates per batch of rollouts; pi_old is the policy that sampled them
-The family since then changes one piece each, behind one flag each (formulas in grpo_loss and
+The family since then changes one piece each, one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
 --epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
-
 One step of train_with_grpo, its numbered phases: 1) take B prompts (a new reference model when an
 iteration starts); 2) roll out G completions per prompt; 3) rewards -> group-relative advantages;
 4) the reference model's log-probs; 5) mu clipped policy updates; 6) log, checkpoint, stop if asked.
@@ -774,9 +773,9 @@ def start_parallel(device: torch.device, bf16: bool) -> Parallel:
 # Engineering C: logs, checkpoints, resume, signals and faults
 # (skip on first reading; the tutorial continues at section 8)
 # ================================================================================================
-# A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted
-# job), carry on exactly where it stopped, and not let one NaN destroy the weights. The training loop
-# sees all of this as RunControl.start before its first step and RunControl.end_step after each.
+# A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted job), carry on
+# exactly where it stopped, and not let one NaN destroy the weights. Checkpoints are output_dir/checkpoint-{step}.
+CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def format_seconds(seconds: float) -> str:
@@ -793,8 +792,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def remaining_seconds(step_seconds: list[float], steps_left: int) -> float:
-    """The ETA: the median of the last five step times (the first steps, warming up, are slower), times
-    the steps left."""
+    """The ETA: the median of the last five step times (the first ones warm up), times the steps left."""
     return statistics.median(step_seconds[-5:]) * steps_left if step_seconds else 0.0
 
 
@@ -843,9 +841,6 @@ def print_run_summary(history: list[dict], device: torch.device) -> None:
           f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
 
 
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
 def list_checkpoints(output_dir: str) -> list[str]:
     """The complete checkpoints in output_dir, oldest first (a '.tmp' folder is a save that never finished)."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
@@ -887,8 +882,7 @@ def load_training_state(checkpoint_dir: str, device: torch.device | str = "cpu")
 
 
 def restore_rng(rng: dict) -> None:
-    """Put back the python, torch and CUDA random states saved by save_checkpoint (of the GPUs there are:
-    the checkpoint may come from a machine with more)."""
+    """Put back save_checkpoint's python, torch and CUDA random states (of the GPUs here: it may have had more)."""
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"].cpu())
     for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()] if torch.cuda.is_available() else []):
@@ -903,8 +897,7 @@ def write_json(path: str, value) -> None:
 
 
 def keep_metrics_up_to(metrics_path: str, step: int) -> None:
-    """On resume, drop the metrics lines of steps after the checkpoint (they will be run again) and a
-    line cut short (a process killed while writing it)."""
+    """On resume, drop the metrics of steps after the checkpoint (they run again) and a line cut short by a kill."""
     if not os.path.exists(metrics_path):
         return
     with open(metrics_path, encoding="utf-8") as f:
@@ -923,10 +916,10 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """The handler of SIGINT (Ctrl-C) and SIGTERM (a job being pre-empted). While training (from
-    RunControl.start until the final model is saved) a first signal is only recorded: the step finishes,
-    a checkpoint is saved, the run stops; a second one quits at once without saving (KeyboardInterrupt).
-    Anywhere else (loading, evaluation) the first signal stops the run at once: nothing is half done."""
+    """The handler of SIGINT (Ctrl-C) and SIGTERM (a pre-empted job). While training (RunControl.start until the
+    final model is saved) a first signal is only recorded: the step finishes, a checkpoint is saved, the run
+    stops; a second quits at once without saving (KeyboardInterrupt). Anywhere else (loading, evaluation) the
+    first signal stops the run at once: nothing is half done."""
 
     def __init__(self, repeat_quits: bool = True):
         # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
@@ -971,8 +964,7 @@ class RunControl:
 
     def start(self, optimizer, policy: nn.Module, amp_dtype: torch.dtype | None, beta: float, total_steps: int,
               mu: int = 1):
-        """The step to start from and the reference model to start with: (0, None) for a new run;
-        for a resumed one, the checkpoint's step, optimizer state, RNG, counters and reference model."""
+        """(step, reference model) to start from: (0, None) for a new run, else the checkpoint's, its state restored."""
         self.total_steps, self.mu, self.stop.training = total_steps, mu, True  # a signal now lets the step finish
         state, self.resume = self.resume, None  # dropped once used: the optimizer state is large
         if state is None:
@@ -994,9 +986,8 @@ class RunControl:
 
     def end_step(self, record: dict, sample: tuple[str, str, str, float], policy, tokenizer, optimizer,
                  reference) -> None:
-        """After each step: print its line (every log_completions_steps steps also the details and a sample:
-        question, completion, answer, reward), append it to metrics.jsonl, save a checkpoint when one is due
-        or the run must stop (a signal, or max_bad_steps steps in a row with a skipped update), then stop."""
+        """Print the step's line (every log_completions_steps steps also details and a sample), append it to
+        metrics.jsonl, save a checkpoint if due or the run must stop (a signal, max_bad_steps bad steps), then stop."""
         step, skipped = record["step"], record["skipped_updates"]
         self.step_seconds.append(record["step_seconds"])
         if self.metrics_path and self.parallel.is_main:
@@ -1109,11 +1100,8 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
             old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
             loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
                                       advantages[c], completion_mask[c], beta, epsilon, **variant)
-            share = (c.stop - c.start) / num_sequences  # of the sequences
-            if variant.get("loss_type", "grpo") == "dapo":  # of the tokens
-                weight = completion_mask[c].sum() / max(batch_tokens, 1.0)
-            else:
-                weight = share
+            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo": of the tokens
+            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if variant.get("loss_type") == "dapo" else share
             (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
         totals["loss"] += loss.detach() * weight
         for name, value in metrics.items():
@@ -1141,12 +1129,10 @@ def step_metrics(texts: list[str], answers: list[str], rewards: torch.Tensor, tr
         "skipped_updates": sum(u["skipped"] for u in updates),
         "completion_length": tokens / len(texts),
         "truncated_ratio": truncated.float().mean().item(),
-        "step_seconds": seconds["step"],
-        "rollout_seconds": seconds["rollout"],
-        "update_seconds": seconds["update"],
-        "tokens_per_second": tokens / seconds["step"],
+        **{f"{name}_seconds": seconds[name] for name in ("step", "rollout", "update")},
+        "tokens_per_second": tokens / seconds["step"],  # completion tokens
         "generation_tokens_per_second": tokens / seconds["rollout"],
-        "train_tokens_per_second": len(updates) * attention_mask.sum().item() / seconds["update"],
+        "train_tokens_per_second": len(updates) * attention_mask.sum().item() / seconds["update"],  # all, x mu
     }
 
 
@@ -1250,8 +1236,7 @@ def train_with_grpo(
 # Engineering D: loading, the output folder, one-line errors, and main's bookkeeping
 # (skip on first reading; the tutorial continues at section 9)
 # ================================================================================================
-# Every expected failure (a missing file, a bad flag value, an unknown model, no network) ends in one
-# line that says what is wrong and what to do, and leaves nothing behind.
+# Each expected failure ends in one line saying what is wrong and what to do, and leaves nothing behind.
 
 
 class DataError(ValueError):
@@ -1263,24 +1248,22 @@ OFFLINE_ADVICE = ("without a network, pass a local --dataset FILE.jsonl and --mo
 
 
 def looks_local(name: str) -> bool:
-    """Whether name is meant as a local path rather than a hub id ("owner/name"): it starts with '.',
-    '/' or '~', has a file extension or more than one '/', or its first folder exists here."""
+    """Whether name means a local path rather than a hub id ("owner/name"): it starts with '.', '/' or '~',
+    has a .json/.jsonl extension or not exactly one '/', or its first folder exists here."""
     return (name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".jsonl"))
             or os.path.isdir(name.split("/")[0]))
 
 
 def use_hub_cache_only_if_offline() -> None:
-    """Without a network the hub libraries retry each file for about 25 s before failing. Check once,
-    within 3 s, and if the hub cannot be reached use only the local cache (as HF_HUB_OFFLINE=1 would)."""
+    """Without a network the hub libraries retry each file for ~25 s: if a 3 s check fails, use only the hub cache."""
     import huggingface_hub.constants
-
     proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # a direct connection would not use them
     if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in proxies):
         return
     endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)),
-                                 timeout=3).close()
+        socket.create_connection((endpoint.hostname, port), timeout=3).close()
     except OSError:
         print(f"{endpoint.hostname} cannot be reached: using only the local hub cache", flush=True)
         huggingface_hub.constants.HF_HUB_OFFLINE = True  # what transformers asks before any download
@@ -1297,45 +1280,42 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
     if not looks_local(source):
         use_hub_cache_only_if_offline()
         import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
-
         try:
             return list(datasets.load_dataset(source, "main", split=split))
         except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
             raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line(e)}; "
                             f"{OFFLINE_ADVICE}") from None
-    if os.path.isdir(source) or (os.path.exists(source) and not source.endswith((".json", ".jsonl"))):
+    json_name = source.endswith((".json", ".jsonl"))
+    if os.path.isdir(source) or (os.path.exists(source) and not json_name):
         raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
     if not os.path.isfile(source):
-        hint = "" if "/" in source or source.endswith((".json", ".jsonl")) else \
-            " (a hub data set is named owner/name, e.g. openai/gsm8k)"
+        hint = "" if "/" in source or json_name else " (a hub data set is named owner/name, e.g. openai/gsm8k)"
         raise DataError(f"data file not found: {source}{hint}")
     try:
         with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
             text = f.read()
-    except UnicodeDecodeError:
-        raise DataError(f"{source} is not UTF-8 text") from None
-    if not text.strip():
-        raise DataError(f"data file is empty: {source}")
-    try:
+        if not text.strip():
+            raise DataError(f"data file is empty: {source}")
         if text.lstrip().startswith("["):
             return json.loads(text)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{source} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
 
 
 def load_gsm8k(source: str, split: str = "train") -> list[dict]:
-    """GSM8K-style examples [{"question": str, "answer": str}], the answer being the part after '####',
-    from a hub name ("openai/gsm8k", config "main") or a local .json/.jsonl file with the same fields.
-    Rows without a question or a '####' answer are skipped and counted; no row left is an error."""
+    """GSM8K-style examples [{"question": str, "answer": the part after '####'}] from a hub data set (config
+    "main") or a local .json/.jsonl file; rows without a question or a '####' answer are skipped (none left: error)."""
     rows = _gsm8k_rows(source, split)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
     if not rows:
         raise DataError(f"{source}: no examples")
-    if {"question", "answer"} - set(rows[0]):
-        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing "
-                        f"{sorted({'question', 'answer'} - set(rows[0]))}")
+    missing = sorted({"question", "answer"} - set(rows[0]))
+    if missing:
+        raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {missing}")
     examples = [{"question": str(row["question"]), "answer": extract_answer_from_dataset(str(row.get("answer", "")))}
                 for row in rows if str(row.get("question", "")).strip()]
     examples = [ex for ex in examples if ex["answer"] is not None]
@@ -1348,16 +1328,15 @@ def load_gsm8k(source: str, split: str = "train") -> list[dict]:
 
 
 def load_model_and_tokenizer(name: str, device: torch.device):
-    """The policy in float32 (the optimizer's master weights; autocast gives bf16 compute on GPU) and
-    its tokenizer, checked for what GRPO needs: a chat template and a pad token."""
-    if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
-        raise DataError(f"model directory not found: {name}")
+    """The policy in float32 (master weights; bf16 autocast on GPU) and its tokenizer (chat template, pad token)."""
+    path = os.path.expanduser(name)
     if not looks_local(name):
         use_hub_cache_only_if_offline()
+    elif not os.path.isdir(path):
+        raise DataError(f"model directory not found: {name}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch.float32,
-                                                     attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         raise DataError(f"could not load model '{name}': {first_line(e)}"
                         f"{'' if looks_local(name) else '; ' + OFFLINE_ADVICE}") from None
@@ -1387,19 +1366,17 @@ def finished_model_in(output_dir: str) -> bool:
 
 
 def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint --resume_from names (None without it), after checking that --output_dir may be used:
-    a folder holding a run worth keeping (a checkpoint or a finished model) is never silently reused."""
+    """The checkpoint --resume_from names (None without it); an --output_dir holding a run is never reused silently."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--output_dir {out} is a file, not a folder")
-    checkpoint = args.resume_from
-    if checkpoint == "latest":
-        if not list_checkpoints(out):
-            raise DataError(f"--resume_from latest: no checkpoint in {out}")
-        checkpoint = list_checkpoints(out)[-1]
+    checkpoints = list_checkpoints(out)
+    if args.resume_from == "latest" and not checkpoints:
+        raise DataError(f"--resume_from latest: no checkpoint in {out}")
+    checkpoint = checkpoints[-1] if args.resume_from == "latest" else args.resume_from
     if checkpoint and not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
         raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
-    held = [os.path.basename(path) for path in list_checkpoints(out)]
+    held = [os.path.basename(path) for path in checkpoints]
     held += ["a finished model"] if finished_model_in(out) else []
     if not checkpoint and held and not args.overwrite_output_dir:
         raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
@@ -1408,8 +1385,7 @@ def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
 
 
 def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | None) -> None:
-    """args.json: the flags of the run, written when it starts; each resume is appended to its
-    "resumes" list (from which checkpoint, and which flags changed), the original flags kept."""
+    """args.json: the run's flags when it starts; each resume appends where from and which flags changed."""
     path = os.path.join(output_dir, "args.json")
     flags = {k: v for k, v in vars(args).items() if k not in ("resume_from", "overwrite_output_dir")}
     record = {**flags, "resumes": []}
@@ -1425,9 +1401,8 @@ def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | 
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
-    """Create --output_dir once everything has loaded (a run that fails to start leaves nothing behind);
-    for a new run delete an earlier attempt's checkpoints, metrics, evaluation and the config.json that
-    marks a finished model; record the flags in args.json."""
+    """Create --output_dir once everything has loaded (a failed start leaves nothing behind); a new run deletes
+    an earlier attempt's checkpoints, metrics, evaluation and finished model (config.json); write args.json."""
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         for path in list_checkpoints(args.output_dir) if resume is None else []:
@@ -1451,10 +1426,8 @@ def what_to_run_next(args: argparse.Namespace) -> str:
 
 
 class Session:
-    """main()'s bookkeeping around load, evaluate, train, save, evaluate: torchrun's processes, the
-    signal handler, resume, the output folder, eval.json, and for each way a run ends early one line and
-    an exit code (1: bad input or a non-finite run; 128 + signal: 130 SIGINT, 143 SIGTERM) naming the
-    command that carries on. Under torchrun process 0 alone prints; the others exit with the same code."""
+    """main()'s bookkeeping (see main). An early end prints one line naming the command that carries on (under torchrun
+    process 0 alone prints) and exits 1 (bad input, a non-finite run) or 128 + signal (130 SIGINT, 143 SIGTERM)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.evaluation, self.trained, self.resumed = args, {}, False, False
@@ -1489,16 +1462,14 @@ class Session:
         return policy, tokenizer, train_examples, eval_examples, resume
 
     def load(self) -> tuple:
-        """Seed; join torchrun's processes; load; prepare --output_dir (process 0). Returns policy, tokenizer,
-        training and evaluation examples; the resume state goes to the RunControl, self.run."""
+        """Seed, join torchrun's processes, load, prepare --output_dir: (policy, tokenizer, train and eval examples)."""
         args = self.args
         random.seed(args.seed)
         torch.manual_seed(args.seed)  # also seeds every CUDA device
         if args.device == "cuda" and not torch.cuda.is_available():
             raise DataError("--device cuda was asked for, but torch sees no GPU")
-        device = args.device  # cuda: GPU 0, DataParallel over every visible GPU (torchrun: one per process)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        # cuda (or auto with a GPU): GPU 0, DataParallel over every visible GPU (torchrun: one per process)
+        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
         self.parallel = parallel = start_parallel(torch.device(device), args.bf16)
         if not parallel.is_main:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
@@ -1524,7 +1495,7 @@ class Session:
             with open(eval_path, encoding="utf-8") as f:
                 self.evaluation = json.load(f)
         self.stop.where, self.resumed = f"before step {resume['step'] + 1 if resume else 1}", resume is not None
-        self.run = RunControl(  # it lets go of the resume state once used: the optimizer state is large
+        self.run = RunControl(  # it takes the resume state and lets go of it once used: the optimizer state is large
             output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
             save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
             log_completions_steps=args.log_completions_steps, resume=resume, stop=self.stop, parallel=parallel)
@@ -1582,9 +1553,8 @@ class Session:
 
 
 def exit_process(code: int | str | None) -> None:
-    """End the process as sys.exit(code) would. Under torchrun, without Python's teardown once the outputs
-    are flushed: DistributedDataParallel's autograd hooks keep the process group's threads alive, and
-    gloo now and then aborts the process when they are destroyed at interpreter exit."""
+    """End the process as sys.exit(code) would; under torchrun without Python's teardown once the outputs are flushed:
+    DDP's autograd hooks keep the process group's threads alive, and gloo may abort when they are destroyed at exit."""
     if not torch.distributed.is_initialized():
         sys.exit(code)
     if isinstance(code, str):  # sys.exit(message): the message, status 1
@@ -1669,17 +1639,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
 
     g = parser.add_argument_group("GRPO variants, with TRL's names (the defaults are DeepSeekMath's GRPO)")
-    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="how per-token objectives "
-                   "are averaged: grpo = mean over completions of each one's token mean; dapo = mean over all "
-                   "completion tokens (DAPO); dr_grpo = token sum / (N * max_completion_length) (Dr. GRPO)")
+    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="grpo = mean over "
+                   "completions of their token means; dapo = mean over all tokens; dr_grpo = sum / (N * max length)")
     g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage = (r - "
-                   "group mean) / divisor: group = group std + 1e-4; batch = std of all the step's rewards + 1e-4; "
-                   "none = no division (Dr. GRPO)")
-    g.add_argument("--epsilon_high", type=positive_float, default=None, help="DAPO's clip-higher: the ratio is kept "
-                   "in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); default: --epsilon")
-    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"], help="token = one "
-                   "ratio per token; sequence = exp(mean log-ratio of the completion) for all its tokens (GSPO, "
-                   "which uses --epsilon 3e-4 --epsilon_high 4e-4)")
+                   "group mean) / (group std + 1e-4), / (std of the step's rewards + 1e-4), or none (Dr. GRPO)")
+    g.add_argument("--epsilon_high", type=positive_float, default=None,
+                   help="DAPO's clip-higher: ratio kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); None: --epsilon")
+    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
+                   help="sequence = GSPO's exp(mean log-ratio of a completion) for all its tokens (with --epsilon "
+                        "3e-4 --epsilon_high 4e-4)")
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
                    help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
 
