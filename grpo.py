@@ -835,8 +835,8 @@ def print_run_summary(history: list[dict], device: torch.device) -> None:
         print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
     mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}  # NaN-safe
     print(f"summary: {len(history)} step{'s' if len(history) > 1 else ''}, {mean['step_seconds']:.2f} s/step = rollout "
-          f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring; "
-          f"generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
+          f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring\n"
+          f"         generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
           f"{mean['train_tokens_per_second']:.0f} tok/s; peak memory {peak_memory_mib(device):.0f} MiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
 
@@ -924,7 +924,7 @@ class StopRequest:
     def __init__(self, repeat_quits: bool = True):
         # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
         # it kills its workers itself if they have not stopped after its shutdown timeout (30 s).
-        self.signum, self.training, self.repeat_quits = None, False, repeat_quits
+        self.signum, self.training, self.repeat_quits, self.saving = None, False, repeat_quits, None
         self.where = "while loading"  # what the run is doing, for the message (Session keeps it up to date)
 
     def __call__(self, signum: int, frame) -> None:
@@ -936,7 +936,9 @@ class StopRequest:
         if not self.training:
             raise Stopped(f"stopped by {signal.Signals(signum).name} {self.where}", signum)
         again = "send it again to quit at once, without saving" if self.repeat_quits else "torchrun ends it"
-        message = f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint ({again})\n"
+        doing = (f"stopping once {self.saving} is written" if self.saving
+                 else "finishing this step, then saving a checkpoint")
+        message = f"\n{signal.Signals(signum).name}: {doing} ({again})\n"
         try:  # straight to the file: the signal may have interrupted a print, which print cannot re-enter
             os.write(sys.stdout.fileno(), message.encode())
         except (AttributeError, OSError, ValueError):  # a stream without a file (a test's capture)
@@ -969,7 +971,10 @@ class RunControl:
         state, self.resume = self.resume, None  # dropped once used: the optimizer state is large
         if state is None:
             return 0, None
+        settings = [{"lr": group["lr"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
         optimizer.load_state_dict(state.pop("optimizer"))
+        for group, setting in zip(optimizer.param_groups, settings):  # this run's flags, not the checkpoint's
+            group.update(setting)
         restore_rng(state["rng"])
         self.bad_steps = state["bad_steps"]
         if self.metrics_path and self.parallel.is_main:
@@ -1009,11 +1014,13 @@ class RunControl:
         saved = "nothing new to save"
         if self.output_dir and (signum or self.bad_steps >= self.max_bad_steps or step == self.total_steps
                                 or (self.save_steps and step % self.save_steps == 0)):
+            self.stop.saving = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{step}")
             if self.parallel.is_main:  # one writer; the others wait for it
                 save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
                                 {"bad_steps": self.bad_steps}, self.save_total_limit)
             self.parallel.barrier()
-            saved = f"checkpoint saved in {os.path.join(self.output_dir, f'{CHECKPOINT_PREFIX}{step}')}"
+            saved, self.stop.saving = f"checkpoint saved in {self.stop.saving}", None
+            signum = max(self.parallel.everyone(self.stop.signum or 0)) or None  # one may have come meanwhile
         if self.bad_steps >= self.max_bad_steps:
             raise Stopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the last "
                           f"good weights are kept); lower --learning_rate or check the data; {saved}")
@@ -1298,7 +1305,15 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
             raise DataError(f"data file is empty: {source}")
         if text.lstrip().startswith("["):
             return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows, start = [], 0  # start: where the line begins in the file
+        for line in text.split("\n"):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:  # report the file's line and column, not the line's own
+                    raise json.JSONDecodeError(e.msg, text, start + e.pos) from None
+            start += len(line) + 1
+        return rows
     except UnicodeDecodeError:
         raise DataError(f"{source} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -1365,6 +1380,13 @@ def finished_model_in(output_dir: str) -> bool:
     return os.path.isfile(os.path.join(output_dir, "config.json"))
 
 
+# On resume these flags must be those the run began with (args.json): they define what is trained. The others
+# (learning rate, weight decay, gradient clipping, num_steps, evaluation, saving, logging, memory) take effect.
+FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_size", "num_generations", "mu",
+                   "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high", "loss_type",
+                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions")
+
+
 def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
     """The checkpoint --resume_from names (None without it); an --output_dir holding a run is never reused silently."""
     out = args.output_dir
@@ -1376,6 +1398,14 @@ def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
     checkpoint = checkpoints[-1] if args.resume_from == "latest" else args.resume_from
     if checkpoint and not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
         raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
+    if checkpoint and os.path.isfile(os.path.join(out, "args.json")):
+        with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
+            began = json.load(f)
+        changed = [f"--{k} {began[k]} -> {getattr(args, k)}" for k in FIXED_ON_RESUME
+                   if k in began and began[k] != getattr(args, k)]
+        if changed:
+            raise DataError(f"a resumed run cannot change what it trains ({', '.join(changed)}); to train with them, "
+                            "start a new run in another --output_dir or with --overwrite_output_dir")
     held = [os.path.basename(path) for path in checkpoints]
     held += ["a finished model"] if finished_model_in(out) else []
     if not checkpoint and held and not args.overwrite_output_dir:
@@ -1513,8 +1543,10 @@ class Session:
             write_json(os.path.join(self.args.output_dir, "eval.json"), self.evaluation)
         if when == "after" and "before" in self.evaluation:
             before, after = self.evaluation["before"], self.evaluation["after"]
+            sizes = "" if before["num_examples"] == after["num_examples"] else \
+                f" (not comparable: before on {before['num_examples']} questions, after on {after['num_examples']})"
             print(f"accuracy before -> after: strict {before['strict_accuracy']:.1%} -> {after['strict_accuracy']:.1%}"
-                  f", lenient {before['lenient_accuracy']:.1%} -> {after['lenient_accuracy']:.1%}")
+                  f", lenient {before['lenient_accuracy']:.1%} -> {after['lenient_accuracy']:.1%}{sizes}")
 
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
@@ -1668,7 +1700,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_total_limit", type=positive_int, default=2,
                    help="keep only the newest this many checkpoints (for the 1.5B model each is about 22 GB)")
     g.add_argument("--resume_from", default=None, help="carry on from a checkpoint folder, or 'latest' for the "
-                   "newest in --output_dir (a finished run: with a larger --num_steps, counted from the run's start)")
+                   "newest in --output_dir (a finished run: with a larger --num_steps, counted from the run's start); "
+                   "the flags that define what is trained must not change, the optimizer's and the output's may")
     g.add_argument("--max_bad_steps", type=positive_int, default=3,
                    help="stop (with a checkpoint) after this many steps in a row with a skipped non-finite update")
     return parser
@@ -1687,8 +1720,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch_size % world_size:
         if int(os.environ.get("RANK", "0")):
             sys.exit(2)  # process 0 says why
+        lower = args.batch_size - args.batch_size % world_size
+        nearest = " or ".join(str(b) for b in (lower, lower + world_size) if b > 0)
         parser.error(f"--batch_size {args.batch_size} is not divisible by the {world_size} torchrun processes: "
-                     "each process takes the same number of prompts")
+                     f"each process takes the same number of prompts (try --batch_size {nearest})")
     return args
 
 

@@ -36,9 +36,7 @@ import grpo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# ------------------------------------------------------------------------------------------------
-# Helpers: a tiny offline chat model, data files, and ways to run grpo.py
-# ------------------------------------------------------------------------------------------------
+# --- Helpers: a tiny offline chat model, data files, and ways to run grpo.py ---------------------------------------
 
 TAGS = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
 CHAT_TEMPLATE = (
@@ -288,9 +286,7 @@ def copied(name):
     return namespace[name]
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Prompts and answer extraction
-# ------------------------------------------------------------------------------------------------
+# --- 1. Prompts and answer extraction ------------------------------------------------------------------------------
 
 
 def test_system_prompt_is_the_seed_text():
@@ -351,9 +347,7 @@ def test_docstring_examples_run():
     assert doctest.testmod(grpo, raise_on_error=False).failed == 0
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Rewards
-# ------------------------------------------------------------------------------------------------
+# --- 2. Rewards ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("completion, answer, expected", [
@@ -397,9 +391,7 @@ def test_combined_reward_is_the_sum_and_spans_0_to_2_8():
     assert combined == pytest.approx(parts)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. Advantages
-# ------------------------------------------------------------------------------------------------
+# --- 3. Advantages -------------------------------------------------------------------------------------------------
 
 
 def test_advantages_match_worked_example():
@@ -408,13 +400,6 @@ def test_advantages_match_worked_example():
     advantages = grpo.compute_group_advantages(rewards, num_generations=3)
     assert advantages.shape == (6, 1)
     assert torch.allclose(advantages.squeeze(1), torch.tensor([-1.0, 0.0, 1.0, -1.0, 0.0, 1.0]), atol=1e-3)
-
-
-def test_advantages_of_a_group_with_equal_rewards_are_zero():
-    advantages = grpo.compute_group_advantages(torch.tensor([0.8, 0.8, 0.8, 0.8, 0.0, 2.8, 0.0, 0.0]), 4)
-    assert torch.isfinite(advantages).all()
-    assert torch.equal(advantages[:4], torch.zeros(4, 1))
-    assert advantages[5] > 0 > advantages[4]
 
 
 @pytest.mark.parametrize("num_generations", [2, 3, 4, 7, 8, 16])
@@ -445,9 +430,10 @@ def test_batch_and_unscaled_advantages_match_hand_computation():
     got_batch = grpo.compute_group_advantages(torch.tensor(rewards), 4, scale_rewards="batch").squeeze(1).tolist()
     assert got_none == pytest.approx(centered, abs=1e-6)
     assert got_batch == pytest.approx([c / (batch_std + 1e-4) for c in centered], rel=1e-5, abs=1e-6)
-    equal_group = torch.tensor([2.8] * 8 + [0.0, 1.0] * 4)
+    equal_group = torch.tensor([2.8] * 8 + [0.0, 1.0] * 4)  # next to a group that differs
     for scale in ("group", "batch", "none"):
-        assert torch.equal(grpo.compute_group_advantages(equal_group, 8, scale)[:8], torch.zeros(8, 1)), scale
+        advantages = grpo.compute_group_advantages(equal_group, 8, scale)
+        assert torch.equal(advantages[:8], torch.zeros(8, 1)) and advantages[9] > 0 > advantages[8], scale
 
 
 def test_advantages_reject_a_group_of_one():
@@ -455,9 +441,7 @@ def test_advantages_reject_a_group_of_one():
         grpo.compute_group_advantages(torch.tensor([1.0, 2.0]), 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Log-probabilities and the completion mask (and engineering A, the in-place backward)
-# ------------------------------------------------------------------------------------------------
+# --- 4. Log-probabilities and the completion mask (and engineering A, the in-place backward) -----------------------
 
 
 def _plain_log_probs(logits, token_ids, temperature=1.0):
@@ -567,9 +551,7 @@ def test_end_of_sequence_ids_include_every_end_of_turn_token(tiny):
     assert grpo.end_of_sequence_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. The loss
-# ------------------------------------------------------------------------------------------------
+# --- 5. The loss ---------------------------------------------------------------------------------------------------
 
 
 def test_grpo_loss_matches_hand_computation():
@@ -708,9 +690,7 @@ def test_one_update_raises_positive_and_lowers_negative_advantage_completions(ti
     assert after[1] < before[1]
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Rollouts and evaluation (and engineering B: exact sampling, DataParallel)
-# ------------------------------------------------------------------------------------------------
+# --- 6. Rollouts and evaluation (and engineering B: exact sampling, DataParallel) ----------------------------------
 
 
 def test_generate_completions_groups_and_masks(tiny):
@@ -869,24 +849,16 @@ def test_evaluate_model_scores_strict_and_lenient(tiny, monkeypatch):
     assert model.training  # the mode is restored
 
 
-# ------------------------------------------------------------------------------------------------
-# 8. The training loop
-# ------------------------------------------------------------------------------------------------
+# --- 8. The training loop ------------------------------------------------------------------------------------------
 
 
-def test_batch_indices_cover_the_data_once_per_pass():
-    seen = sum((grpo.batch_indices(step, 5, 20, seed=3) for step in range(4)), [])
-    assert sorted(seen) == list(range(20))
-    assert grpo.batch_indices(4, 5, 20, seed=3) == grpo.batch_indices(4, 5, 20, seed=3)
-
-
-def test_batch_indices_cover_each_pass_once_when_a_batch_spans_two_passes():
+def test_batch_indices_cover_each_pass_once_even_when_a_batch_spans_two_passes():
     # 7 examples, batch 4: step 1 takes the last 3 of pass 1 and the first 1 of pass 2.
     order = sum((grpo.batch_indices(step, 4, 7, seed=5) for step in range(7)), [])  # 28 = 4 passes
     passes = [order[i:i + 7] for i in range(0, 28, 7)]
     assert all(sorted(p) == list(range(7)) for p in passes)
     assert len({tuple(p) for p in passes}) > 1  # each pass is a fresh permutation
-    assert grpo.batch_indices(1, 4, 7, seed=5) == passes[0][4:] + passes[1][:1]
+    assert grpo.batch_indices(1, 4, 7, seed=5) == passes[0][4:] + passes[1][:1]  # and a pure function of its arguments
 
 
 @pytest.mark.parametrize("variant", [
@@ -1041,7 +1013,7 @@ def test_the_summary_draws_the_run_as_sparklines(monkeypatch, capsys):
                   rollout_seconds=1.0, update_seconds=0.5, generation_tokens_per_second=10.0, train_tokens_per_second=5.0)
     grpo.print_run_summary([record], torch.device("cpu"))
     printed = capsys.readouterr().out
-    assert "summary: 1 step," in printed and "correct" in printed
+    assert "summary: 1 step," in printed and "correct" in printed and max(map(len, printed.splitlines())) <= 120
 
 
 def test_format_reward_rises_on_the_tiny_model(tiny, tiny_dir):
@@ -1083,9 +1055,7 @@ def test_main_end_to_end_writes_a_loadable_model_and_metrics(tiny_dir, tmp_path,
     assert "step 3/3" in printed and "--- sample" in printed and "summary:" in printed
 
 
-# ------------------------------------------------------------------------------------------------
-# 9. Command line: bad input gets a clear error (and engineering D)
-# ------------------------------------------------------------------------------------------------
+# --- 9. Command line: bad input gets a clear error (and engineering D) ---------------------------------------------
 
 
 def test_defaults_follow_the_seed():
@@ -1260,6 +1230,20 @@ def test_resume_drops_a_metrics_line_cut_short(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
+GOOD_ROW = json.dumps({"question": "How many?", "answer": "#### 3"})
+
+
+@pytest.mark.parametrize("lines, where", [
+    ([GOOD_ROW] * 22 + ['{"question": "q", "answer": '] + [GOOD_ROW] * 5, "line 23 column 29"),
+    ([GOOD_ROW] * 3 + ['{"question"'], "line 4 column 12"),
+    ([GOOD_ROW, GOOD_ROW + ",", GOOD_ROW], "line 2 column 46"),
+], ids=["middle", "last_line", "trailing_comma"])
+def test_a_broken_jsonl_line_is_reported_at_its_own_line_and_column(tmp_path, lines, where):
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(grpo.DataError, match=where):
+        grpo.load_gsm8k(str(tmp_path / "d.jsonl"))
+
+
 def test_a_bare_name_that_is_no_file_says_how_hub_data_sets_are_named():
     with pytest.raises(grpo.DataError, match="owner/name, e.g. openai/gsm8k"):
         grpo.load_gsm8k("gsm8k")
@@ -1328,9 +1312,7 @@ def test_the_readme_layout_table_matches_the_file():
     assert source.count("(skip on first reading; the tutorial continues at section ") == 4
 
 
-# ------------------------------------------------------------------------------------------------
-# A toy task on which the answers get right: the correctness reward at work
-# ------------------------------------------------------------------------------------------------
+# --- A toy task on which the answers get right: the correctness reward at work -------------------------------------
 # "Amy counts cards in boxes: 0 7 0 0 0 0 0. Which count is most common?" -> 0. Seven digits, six of
 # them the answer, shuffled; answers balanced over 0-9, so chance is 1/10. Training and held-out rows
 # use different (name, object) pairs and different digit lists: every held-out question is new.
@@ -1481,9 +1463,7 @@ def test_correctness_rises_from_chance_on_held_out_toy_questions():
     assert result["history"][-1]["correctness_reward"] > result["history"][0]["correctness_reward"] + 0.5
 
 
-# ------------------------------------------------------------------------------------------------
-# Every algorithmic function can be copied out (with what its docstring names)
-# ------------------------------------------------------------------------------------------------
+# --- Every algorithmic function can be copied out (with what its docstring names) ----------------------------------
 
 
 def test_every_algorithmic_function_runs_when_copied_with_what_its_docstring_names(tiny):
@@ -1518,9 +1498,7 @@ def test_every_algorithmic_function_runs_when_copied_with_what_its_docstring_nam
         assert same(copied(name)(*args), getattr(grpo, name)(*args)), name
 
 
-# ------------------------------------------------------------------------------------------------
-# Engineering C: checkpoints, resume, interruption, non-finite updates
-# ------------------------------------------------------------------------------------------------
+# --- Engineering C: checkpoints, resume, interruption, non-finite updates ------------------------------------------
 
 
 @pytest.mark.slow
@@ -1604,6 +1582,41 @@ def test_resuming_a_finished_run_says_so_and_extending_it_is_recorded(tiny_dir, 
     args = json.loads((out / "args.json").read_text())
     assert args["num_steps"] == 2  # the original run's flags
     assert [(r["step"], r["changed"]) for r in args["resumes"]] == [(2, {}), (2, {"num_steps": [2, 3]})]
+
+
+@pytest.mark.slow
+def test_resume_applies_the_changeable_flags_and_refuses_to_change_the_run(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    held_out = ["--eval_dataset", write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(20)[12:]), "--eval_size"]
+    grpo.main(_run_flags(tiny_dir, data, tmp_path / "run", "--num_steps", "1", *held_out, "4"))
+    for out, lr, size in (("slow", "1e-9", "2"), ("same", "1e-2", "4")):  # the first run's lr was 1e-2
+        shutil.copytree(tmp_path / "run", tmp_path / out)
+        grpo.main(_run_flags(tiny_dir, data, tmp_path / out, "--num_steps", "2", "--learning_rate", lr, *held_out, size,
+                             "--resume_from", "latest"))
+    start = _weights(tmp_path / "run")
+    assert (_weights(tmp_path / "slow") - start).abs().max() < 1e-6 < (_weights(tmp_path / "same") - start).abs().max()
+    assert "not comparable: before on 4 questions, after on 2" in capsys.readouterr().out
+    message = _main_error(_run_flags(str(tmp_path / "other"), data, tmp_path / "run", "--resume_from", "latest"))
+    assert f"--model_name {tiny_dir} -> {tmp_path / 'other'}" in message and "start a new run" in message
+
+
+@pytest.mark.slow
+def test_a_signal_while_a_checkpoint_is_written_stops_once_it_is_complete(tiny_dir, tmp_path, monkeypatch, capsys):
+    data, out, save = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run", torch.save
+
+    def save_during_a_signal(value, path, *args, **kwargs):
+        if str(path).endswith(os.path.join("checkpoint-2.tmp", "training_state.pt")):  # the checkpoint is half written
+            signal.raise_signal(signal.SIGINT)
+        return save(value, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_during_a_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.main(_run_flags(tiny_dir, data, out, "--save_steps", "2"))
+    assert exit_info.value.code == 130 and len(_metrics(out)) == 2  # no step after it
+    assert [os.path.basename(p) for p in grpo.list_checkpoints(out)] == ["checkpoint-2"]
+    assert f"checkpoint saved in {out / 'checkpoint-2'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -1698,30 +1711,16 @@ def test_a_second_signal_quits_at_once_and_the_advice_works(tiny_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_exits(tiny_dir, tmp_path, signum, code):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
     out = tmp_path / "run"
-    flags = _run_flags(tiny_dir, data, out, "--num_steps", "100000")
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        for line in process.stdout:  # wait until training runs
-            if line.startswith("step 1/"):
-                break
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == code, stderr
+    flags = _run_flags(tiny_dir, write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), out, "--num_steps", "100000")
+    returncode, _, stderr, _ = _interrupt(flags, ("step 1/", signum))  # once training runs
+    assert returncode == code, stderr
     assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume_from latest" in stderr
     checkpoints = grpo.list_checkpoints(out)
-    assert len(checkpoints) == 1
-    steps_logged = len((out / "metrics.jsonl").read_text().splitlines())
-    assert grpo.load_training_state(checkpoints[0])["step"] == steps_logged >= 1
+    assert len(checkpoints) == 1 and grpo.load_training_state(checkpoints[0])["step"] == len(_metrics(out)) >= 1
 
 
-# ------------------------------------------------------------------------------------------------
-# Several processes: torchrun (gloo on CPU), DistributedDataParallel
-# ------------------------------------------------------------------------------------------------
+# --- Several processes: torchrun (gloo on CPU), DistributedDataParallel --------------------------------------------
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -1814,6 +1813,7 @@ def test_torchrun_bad_input_ends_every_process_in_seconds_with_one_line(tiny_dir
     result = _torchrun(_ddp_flags(tiny_dir, str(tmp_path / "missing.jsonl"), tmp_path / "out", "--batch_size", "3"))
     assert result.returncode != 0
     assert result.stderr.count("--batch_size 3 is not divisible by the 2 torchrun processes") == 1
+    assert "try --batch_size 2 or 4" in result.stderr
 
 
 @pytest.mark.slow
