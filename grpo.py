@@ -71,9 +71,19 @@ import urllib.parse
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn as nn
-import transformers
+
+def _stopped_while_importing(signum, frame):
+    """Ctrl-C in the seconds while torch and transformers load: one line and the advice, not a traceback."""
+    print("stopped by SIGINT while loading; run the same command again", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _stopped_while_importing)
+
+import torch  # noqa: E402 (the imports below are the slow ones)
+import torch.nn as nn  # noqa: E402
+import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 # ================================================================================================
@@ -1250,8 +1260,10 @@ class DataError(ValueError):
     """A data set, model or folder that cannot be used; main() prints its message as one line and exits 1."""
 
 
-OFFLINE_ADVICE = ("without a network, pass a local --dataset FILE.jsonl and --model_name DIR, or set "
-                  "HF_HUB_OFFLINE=1 to use what the hub cache already holds")
+def offline_advice(local: str) -> str:
+    """What to do without a network: the local file or folder to pass (local), and the hub cache unless in use."""
+    cache = "" if os.environ.get("HF_HUB_OFFLINE") == "1" else ", or set HF_HUB_OFFLINE=1 to use the hub cache"
+    return f"without a network, pass a local {local}{cache}"
 
 
 def looks_local(name: str) -> bool:
@@ -1291,7 +1303,7 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
             return list(datasets.load_dataset(source, "main", split=split))
         except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
             raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line(e)}; "
-                            f"{OFFLINE_ADVICE}") from None
+                            f"{offline_advice('--dataset FILE.jsonl')}") from None
     json_name = source.endswith((".json", ".jsonl"))
     if os.path.isdir(source) or (os.path.exists(source) and not json_name):
         raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
@@ -1347,14 +1359,18 @@ def load_model_and_tokenizer(name: str, device: torch.device):
     path = os.path.expanduser(name)
     if not looks_local(name):
         use_hub_cache_only_if_offline()
+    elif os.path.isfile(path):
+        raise DataError(f"--model_name {name} is a file: pass the folder that save_pretrained wrote")
     elif not os.path.isdir(path):
         raise DataError(f"model directory not found: {name}")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+        raise DataError(f"--model_name {name} holds no saved model (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as e:
         raise DataError(f"could not load model '{name}': {first_line(e)}"
-                        f"{'' if looks_local(name) else '; ' + OFFLINE_ADVICE}") from None
+                        f"{'' if looks_local(name) else '; ' + offline_advice('--model_name DIR')}") from None
     if not tokenizer.chat_template:
         raise DataError(f"the tokenizer of '{name}' has no chat template; use an instruct/chat model")
     if tokenizer.pad_token is None:
@@ -1460,7 +1476,7 @@ class Session:
     process 0 alone prints) and exits 1 (bad input, a non-finite run) or 128 + signal (130 SIGINT, 143 SIGTERM)."""
 
     def __init__(self, args: argparse.Namespace):
-        self.args, self.evaluation, self.trained, self.resumed = args, {}, False, False
+        self.args, self.evaluation, self.trained, self.resumed, self.evaluating = args, {}, False, False, False
         self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it, also for one process
         self.quiet = int(os.environ.get("RANK", "0")) != 0
         self.stop, self.parallel = StopRequest(repeat_quits=not self.under_torchrun), Parallel()
@@ -1497,10 +1513,15 @@ class Session:
         random.seed(args.seed)
         torch.manual_seed(args.seed)  # also seeds every CUDA device
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise DataError("--device cuda was asked for, but torch sees no GPU")
+            raise DataError("--device cuda was asked for, but torch sees no GPU (the default 1.5B run needs one with "
+                            "about 40 GB or more; the README has CPU commands)")
         # cuda (or auto with a GPU): GPU 0, DataParallel over every visible GPU (torchrun: one per process)
         device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
         self.parallel = parallel = start_parallel(torch.device(device), args.bf16)
+        args.bf16 = args.bf16 and device == "cuda"  # args.json records what applies
+        if device == "cpu" and args.model_name == build_parser().get_default("model_name"):
+            print("no GPU: the default run (the 1.5B model, 500 steps) needs one with about 40 GB or more; on a CPU "
+                  "use a small model and few steps (README: Running it)")
         if not parallel.is_main:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
@@ -1536,9 +1557,11 @@ class Session:
         is kept from a resumed run's first start; "after" runs when this run trained or has none yet."""
         if not examples or (self.resumed if when == "before" else not self.trained and "after" in self.evaluation):
             return
+        self.evaluating = True  # its progress line is open until it ends
         self.evaluation[when] = evaluate_model(
             policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
             batch_size=self.args.eval_batch_size, label=f"eval {when}", generate=self.parallel.generate)
+        self.evaluating = False
         if self.parallel.is_main:
             write_json(os.path.join(self.args.output_dir, "eval.json"), self.evaluation)
         if when == "after" and "before" in self.evaluation:
@@ -1550,15 +1573,17 @@ class Session:
 
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
-        if self.parallel.is_main and (history or not finished_model_in(self.args.output_dir)):
-            policy.save_pretrained(self.args.output_dir)
-            tokenizer.save_pretrained(self.args.output_dir)
-            print(f"saved the trained model and tokenizer to {self.args.output_dir}")
+        out, self.stop.saving = self.args.output_dir, f"the final model in {self.args.output_dir}"
+        if self.parallel.is_main and (history or not finished_model_in(out)):
+            policy.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            print(f"saved the trained model and tokenizer to {out}")
         self.parallel.barrier()
-        self.trained, self.stop.training = bool(history), False
-        self.stop.where = "during the evaluation after training (the trained model is saved)"
+        self.trained, self.stop.training, self.stop.saving = bool(history), False, None
         if self.stop.signum is not None:  # a signal while the final model was being saved
-            raise Stopped(f"stopped by {signal.Signals(self.stop.signum).name} {self.stop.where}", self.stop.signum)
+            raise Stopped(f"stopped by {signal.Signals(self.stop.signum).name} once the final model was saved in "
+                          f"{out}, before the evaluation after training", self.stop.signum)
+        self.stop.where = "during the evaluation after training (the trained model is saved)"
 
     def __exit__(self, kind, error, traceback) -> bool:
         for signum, handler in self.previous.items():
@@ -1580,6 +1605,7 @@ class Session:
         else:
             return False
         if not self.quiet:
+            print("\n" if self.evaluating else "", end="", flush=True)  # the message on its own line
             print(message, file=sys.stderr)
         raise SystemExit(code)
 

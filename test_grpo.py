@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 
 import pytest
@@ -215,8 +216,6 @@ def _interrupt(flags, *cues, timeout=120):
     """Run grpo.py with flags in a subprocess; for each cue (marker, signal), wait until the marker
     appears in its output, then send the signal. Returns (exit code, stdout, stderr, seconds from the
     first signal to the exit)."""
-    import time
-
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     output, start = b"", None
@@ -449,24 +448,20 @@ def _plain_log_probs(logits, token_ids, temperature=1.0):
     return torch.log_softmax(logits / temperature, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def test_selective_log_softmax_matches_full_log_softmax():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11) * 4
-    token_ids = torch.randint(0, 11, (3, 5))
-    assert torch.allclose(grpo.selective_log_softmax(logits, token_ids), _plain_log_probs(logits, token_ids), atol=1e-5)
-
-
-def test_selective_log_softmax_gradient_matches_autograd_and_leaves_its_input_alone():
+def test_selective_log_softmax_value_and_gradient_match_autograd_and_leave_its_input_alone():
     torch.manual_seed(0)
     logits = torch.randn(3, 4, 7, dtype=torch.float64) * 3
     token_ids = torch.randint(0, 7, (3, 4))
     weights = torch.randn(3, 4, dtype=torch.float64)  # an arbitrary upstream gradient
     reference = logits.clone().requires_grad_(True)
-    (_plain_log_probs(reference, token_ids) * weights).sum().backward()
+    expected = _plain_log_probs(reference, token_ids, 0.7)
+    (expected * weights).sum().backward()
     leaf = logits.clone().requires_grad_(True)
     given = leaf * 1.0
-    (grpo.selective_log_softmax(given, token_ids) * weights).sum().backward()
-    assert torch.allclose(leaf.grad, reference.grad, atol=1e-10)
+    got = grpo.selective_log_softmax(given, token_ids, 0.7)  # float32 inside
+    (got * weights).sum().backward()
+    assert torch.allclose(got.double(), expected.detach(), atol=1e-5)
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-6)
     assert torch.equal(given.detach(), logits)  # side-effect free
 
 
@@ -539,11 +534,7 @@ def test_compute_log_probs_allows_one_backward_pass_and_says_so(tiny):
 def test_completion_mask_ends_at_the_first_eos(row, expected):
     mask = grpo.create_completion_mask(torch.tensor([row]), eos_token_ids=[9, 3])
     assert mask.tolist() == [expected]
-
-
-def test_a_completion_without_an_end_of_sequence_token_is_truncated():
-    completions = torch.tensor([[5, 9, 5], [5, 5, 5], [3, 0, 0], [5, 5, 9]])
-    assert grpo.truncated_completions(completions, [9, 3]).tolist() == [False, True, False, False]
+    assert grpo.truncated_completions(torch.tensor([row]), [9, 3]).tolist() == [row == [5, 6, 7, 8, 4]]  # no EOS
 
 
 def test_end_of_sequence_ids_include_every_end_of_turn_token(tiny):
@@ -722,23 +713,7 @@ def test_sampler_draws_from_softmax_at_the_temperature():
         assert torch.allclose(frequencies, expected, atol=0.006), (temperature, frequencies, expected)
 
 
-def test_a_rollout_does_not_depend_on_how_dataparallel_splits_it(tiny):
-    model, tokenizer = tiny
-    model.eval()
-    eos = grpo.end_of_sequence_ids(model, tokenizer)
-    generator = grpo.GenerateModule(model, max_new_tokens=10, temperature=1.0, eos_token_ids=eos,
-                                    pad_token_id=tokenizer.pad_token_id)
-    prompt_ids = prompt_ids_for(tokenizer, copies=6)
-    mask, uniforms = torch.ones_like(prompt_ids), torch.rand(6, 10)
-    with torch.no_grad():
-        whole = generator(prompt_ids, mask, uniforms)  # one device
-        halves = torch.cat([generator(prompt_ids[:3], mask[:3], uniforms[:3]),  # two replicas' shares
-                            generator(prompt_ids[3:], mask[3:], uniforms[3:])])
-    assert torch.equal(whole, halves)
-    assert len({tuple(row) for row in whole.tolist()}) > 1  # and the rows are different samples
-
-
-def test_rollouts_ignore_the_checkpoints_sampling_settings(tiny):
+def test_a_rollout_depends_neither_on_how_it_is_split_nor_on_the_checkpoints_sampling_settings(tiny):
     model, tokenizer = tiny
     model.eval()
     eos = grpo.end_of_sequence_ids(model, tokenizer)
@@ -747,13 +722,15 @@ def test_rollouts_ignore_the_checkpoints_sampling_settings(tiny):
     prompt_ids = prompt_ids_for(tokenizer, copies=8)
     mask, uniforms = torch.ones_like(prompt_ids), torch.rand(8, 10)
     with torch.no_grad():
-        plain = generator(prompt_ids, mask, uniforms)
+        plain = generator(prompt_ids, mask, uniforms)  # one device
+        halves = torch.cat([generator(prompt_ids[:3], mask[:3], uniforms[:3]),  # two replicas' shares
+                            generator(prompt_ids[3:], mask[3:], uniforms[3:])])
         # A checkpoint whose generation_config would change the sampling (Qwen2.5-Instruct ships top_k 20,
         # top_p 0.8, repetition_penalty 1.05): under the same random numbers the rollout must not change.
         config = model.generation_config
         config.top_k, config.top_p, config.repetition_penalty, config.temperature = 1, 0.1, 5.0, 0.3
         with_settings = generator(prompt_ids, mask, uniforms)
-    assert torch.equal(with_settings, plain)
+    assert torch.equal(halves, plain) and torch.equal(with_settings, plain)
     assert len({tuple(row) for row in plain.tolist()}) > 1  # sampled (top_k = 1 would make every row alike)
 
 
@@ -1045,7 +1022,8 @@ def test_main_end_to_end_writes_a_loadable_model_and_metrics(tiny_dir, tmp_path,
     for key in ("step", "reward", "correctness_reward", "format_reward", "reward_std", "kl", "loss", "clip_ratio",
                 "completion_length", "step_seconds", "tokens_per_second"):
         assert all(math.isfinite(line[key]) for line in lines), key
-    assert json.loads((out / "args.json").read_text())["mu"] == 2
+    args = json.loads((out / "args.json").read_text())
+    assert args["mu"] == 2 and args["bf16"] is False  # bf16 applies on GPU only: recorded as it applied
     evaluation = json.loads((out / "eval.json").read_text())
     assert set(evaluation) == {"before", "after"} and evaluation["after"]["num_examples"] == 4
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -1158,8 +1136,7 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_a_bad_model_name_does_not_delete_the_run_to_overwrite(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
     grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "1"))
     flags = _run_flags(str(tmp_path / "typo"), data, out, "--overwrite_output_dir")
     assert "model directory not found" in _main_error(flags)
@@ -1188,7 +1165,10 @@ def test_bad_data_files_are_clear_errors(tiny_dir, tmp_path, content, message):
     ("not_utf8", "is not UTF-8 text"),
     ("dataset_is_a_folder", "must be a .json or .jsonl file"),
     ("resume_and_overwrite", "choose one"),
+    ("resume_without_a_checkpoint", "--resume_from latest: no checkpoint in"),
     ("unwritable_output_dir", "cannot write to --output_dir"),
+    ("model_is_a_file", "is a file: pass the folder that save_pretrained wrote"),
+    ("model_folder_is_empty", "holds no saved model (no config.json)"),
 ])
 def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tiny_dir, tmp_path, case, message,
                                                                              monkeypatch, capsys):
@@ -1202,8 +1182,16 @@ def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tin
         flags = _run_flags(tiny_dir, str(tmp_path / "latin1.jsonl"), out)
     elif case == "dataset_is_a_folder":
         flags = _run_flags(tiny_dir, str(tmp_path), out)
-    elif case == "resume_and_overwrite":
-        flags += ["--resume_from", "latest", "--overwrite_output_dir"]
+    elif case.startswith("resume_"):
+        flags += ["--resume_from", "latest"]
+        if case == "resume_and_overwrite":
+            flags.append("--overwrite_output_dir")
+    elif case.startswith("model_"):
+        flags = _run_flags(str(tmp_path / "model"), data, out)
+        if case.endswith("empty"):
+            (tmp_path / "model").mkdir()
+        else:
+            (tmp_path / "model").write_text("weights")
     elif case == "unwritable_output_dir":
         monkeypatch.setattr(grpo, "record_args", lambda *args: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     if case == "resume_and_overwrite":
@@ -1249,12 +1237,6 @@ def test_a_bare_name_that_is_no_file_says_how_hub_data_sets_are_named():
         grpo.load_gsm8k("gsm8k")
 
 
-def test_a_data_file_with_a_byte_order_mark_loads(tmp_path):
-    path = tmp_path / "bom.jsonl"
-    path.write_text(json.dumps({"question": "How many?", "answer": "#### 3"}) + "\n", encoding="utf-8-sig")
-    assert grpo.load_gsm8k(str(path)) == [{"question": "How many?", "answer": "3"}]
-
-
 def test_rows_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
     rows = arithmetic_rows(3) + [{"question": "q", "answer": "no delimiter"}]
     examples = grpo.load_gsm8k(write_jsonl(tmp_path / "d.jsonl", rows))
@@ -1262,17 +1244,23 @@ def test_rows_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
     assert "skipped 1 of 4 rows" in capsys.readouterr().out
 
 
-def test_json_list_files_and_thousands_commas_load(tmp_path):
+def test_json_list_files_thousands_commas_and_a_byte_order_mark_load(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"question": "How many?", "answer": "10 x 108 = 1080\n#### 1,080"}]))
     assert grpo.load_gsm8k(str(path)) == [{"question": "How many?", "answer": "1,080"}]
+    (tmp_path / "bom.jsonl").write_text(GOOD_ROW + "\n", encoding="utf-8-sig")
+    assert grpo.load_gsm8k(str(tmp_path / "bom.jsonl")) == [{"question": "How many?", "answer": "3"}]
 
 
 @pytest.mark.slow
-def test_unreachable_hub_dataset_is_a_clear_error(tiny_dir):
+def test_unreachable_hub_data_or_model_is_a_clear_error_whose_advice_names_only_what_is_missing(tiny_dir, capsys):
     message = _main_error(["--model_name", tiny_dir, "--dataset", "no-such-user/no-such-data", "--eval_size", "0"])
-    assert "could not load data set" in message
-    assert "--dataset FILE.jsonl" in message and "HF_HUB_OFFLINE=1" in message  # what to do about it
+    assert "could not load data set" in message and "--dataset FILE.jsonl" in message  # what to do about it
+    assert "--model_name" not in message and "HF_HUB_OFFLINE" not in message  # the tests set HF_HUB_OFFLINE=1
+    data = write_jsonl(os.path.join(tiny_dir, "local.jsonl"), arithmetic_rows(2))
+    message = _main_error(["--dataset", data, "--eval_size", "0", "--output_dir", os.path.join(tiny_dir, "never")])
+    assert "could not load model" in message and "--model_name DIR" in message and "--dataset" not in message
+    assert "no GPU: the default run" in capsys.readouterr().out  # said before the model is even looked for
 
 
 @pytest.mark.slow
@@ -1522,8 +1510,7 @@ def test_resume_gives_the_same_result_as_never_stopping(tiny_dir, tmp_path, monk
 
 @pytest.mark.slow
 def test_checkpoints_are_complete_and_pruned(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
     grpo.main(_run_flags(tiny_dir, data, out, "--save_steps", "1", "--save_total_limit", "2"))
     assert sorted(os.listdir(out / "checkpoint-4")) == sorted(os.listdir(out / "checkpoint-3"))
     assert [os.path.basename(p) for p in grpo.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
@@ -1533,21 +1520,13 @@ def test_checkpoints_are_complete_and_pruned(tiny_dir, tmp_path):
     state = grpo.load_training_state(str(out / "checkpoint-4"))
     assert state["step"] == 4 and state["optimizer"]["state"] and state["reference"] is not None
     assert torch.equal(_weights(out / "checkpoint-4"), _weights(out))  # the last checkpoint is the final model
-
-
-@pytest.mark.slow
-def test_a_half_written_checkpoint_is_never_resumed(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
-    grpo.main(_run_flags(tiny_dir, data, out, "--save_steps", "2"))
-    (out / "checkpoint-6.tmp").mkdir()  # what a crash during a save leaves behind
+    (out / "checkpoint-6.tmp").mkdir()  # what a crash during a save leaves behind: never resumed
     assert os.path.basename(grpo.list_checkpoints(out)[-1]) == "checkpoint-4"
 
 
 @pytest.mark.slow
 def test_an_output_dir_holding_a_run_is_not_overwritten(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
     grpo.main(_run_flags(tiny_dir, data, out))
     before = (out / "metrics.jsonl").read_text()
     message = _main_error(_run_flags(tiny_dir, data, out))
@@ -1560,8 +1539,7 @@ def test_an_output_dir_holding_a_run_is_not_overwritten(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_folder_without_a_checkpoint_or_model_is_started_again(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
     out.mkdir()
     (out / "args.json").write_text("{}")  # what an attempt stopped before its first checkpoint leaves
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 9.0}) + "\n")
@@ -1571,8 +1549,7 @@ def test_a_folder_without_a_checkpoint_or_model_is_started_again(tiny_dir, tmp_p
 
 @pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_extending_it_is_recorded(tiny_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
     grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "2"))
     assert grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "2", "--resume_from", "latest")) == []
     printed = capsys.readouterr().out
@@ -1620,9 +1597,34 @@ def test_a_signal_while_a_checkpoint_is_written_stops_once_it_is_complete(tiny_d
 
 
 @pytest.mark.slow
-def test_resume_from_latest_needs_a_checkpoint(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
-    assert "no checkpoint" in _main_error(_run_flags(tiny_dir, data, tmp_path / "empty", "--resume_from", "latest"))
+def test_a_signal_while_the_final_model_is_saved_says_so_and_stops_before_the_evaluation(tiny_dir, tmp_path,
+                                                                                         monkeypatch, capfd):
+    from transformers import PreTrainedModel
+
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
+    save = PreTrainedModel.save_pretrained
+
+    def save_during_a_signal(model, path, *args, **kwargs):
+        if str(path) == str(out):  # the final model, not a checkpoint
+            signal.raise_signal(signal.SIGTERM)
+        return save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_during_a_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        grpo.main(_run_flags(tiny_dir, data, out, "--eval_dataset", data, "--eval_size", "2"))
+    printed = capfd.readouterr()
+    assert exit_info.value.code == 143 and grpo.finished_model_in(str(out)) and "eval after" not in printed.out
+    assert f"stopping once the final model in {out} is written" in printed.out
+    assert f"stopped by SIGTERM once the final model was saved in {out}" in printed.err
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_libraries_load_ends_in_one_line_and_the_advice(tmp_path):
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py")], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # python has started; torch is still loading
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == "stopped by SIGINT while loading; run the same command again"
 
 
 @pytest.mark.slow
@@ -1671,6 +1673,7 @@ def test_a_signal_during_evaluation_stops_it_at_once_and_the_advice_works(tiny_d
     assert code == 130, stderr
     finished_evaluations = 0 if moment == "before_training" else 1
     assert stdout.count("300/300") == finished_evaluations and seconds < 10  # at once, not after 300 questions
+    assert stdout.endswith("\n")  # the progress line ended before the message
     if moment == "before_training":
         assert "before step 1" in stderr and not grpo.list_checkpoints(out)
     else:
@@ -1695,8 +1698,7 @@ def test_the_advice_after_a_signal_works_for_a_run_started_with_overwrite(tiny_d
 
 @pytest.mark.slow
 def test_a_second_signal_quits_at_once_and_the_advice_works(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
     settings = ["--batch_size", "4", "--num_generations", "16", "--max_completion_length", "48", "--save_steps", "2"]
     flags = _run_flags(tiny_dir, data, out, "--num_steps", "100000", *settings)
     # The first Ctrl-C as step 4 begins, the second as soon as grpo.py says it will finish that step.
@@ -1711,8 +1713,8 @@ def test_a_second_signal_quits_at_once_and_the_advice_works(tiny_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_exits(tiny_dir, tmp_path, signum, code):
-    out = tmp_path / "run"
-    flags = _run_flags(tiny_dir, write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), out, "--num_steps", "100000")
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12)), tmp_path / "run"
+    flags = _run_flags(tiny_dir, data, out, "--num_steps", "100000")
     returncode, _, stderr, _ = _interrupt(flags, ("step 1/", signum))  # once training runs
     assert returncode == code, stderr
     assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume_from latest" in stderr
@@ -1761,12 +1763,11 @@ def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_ou
                 for when, result in json.loads((tmp_path / run / "eval.json").read_text()).items()}
 
     assert scores("two") == scores("one") and scores("two")["after"]["num_examples"] == 5
+    assert "eval after: 5/5" in result.stdout  # the progress counts every process's questions
 
 
 @pytest.mark.slow
 def test_torchrun_signal_ends_in_one_checkpoint_and_a_resume_carries_on(tiny_dir, tmp_path):
-    import time
-
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
     grpo.main(_ddp_flags(tiny_dir, data, tmp_path / "straight", "--num_steps", "4"))
     out = tmp_path / "run"
@@ -1804,8 +1805,6 @@ def test_torchrun_signal_ends_in_one_checkpoint_and_a_resume_carries_on(tiny_dir
 
 @pytest.mark.slow
 def test_torchrun_bad_input_ends_every_process_in_seconds_with_one_line(tiny_dir, tmp_path):
-    import time
-
     start = time.perf_counter()
     result = _torchrun(_ddp_flags(tiny_dir, str(tmp_path / "missing.jsonl"), tmp_path / "out"), timeout=60)
     assert result.returncode != 0 and time.perf_counter() - start < 30
