@@ -10,9 +10,9 @@ Read the numbered sections in order: they are the tutorial, GRPO and nothing els
     2. rewards                            5. the GRPO loss                      8. the training loop
     3. group-relative advantages          6. rollouts: G completions a prompt   9. the command line
 The fenced sections A-D hold what a real run needs besides (memory, several GPUs and processes, logs,
-checkpoints, signals, loading and errors). The lesson never calls into them: they swap their versions
-in through named arguments (compute_log_probs' log_softmax, generate_completions' generate) and four
-marked lines of the training loop.
+checkpoints, signals, loading and errors). Sections 1-7 never call into them: the fences swap their
+versions in through named arguments (compute_log_probs' log_softmax, generate_completions' generate),
+and the training loop reaches them through four marked calls (its set-up builds the two objects).
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
     advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), sample std (divisor G - 1), one
@@ -84,7 +84,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402 (the imports below are the slow ones)
 import torch.nn as nn  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: main() installs its own handler
 
 # ================================================================================================
 # 1. Prompts and answer extraction
@@ -271,8 +274,8 @@ def compute_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     input_ids, attention_mask: (N, P + T), prompt left-padded, completion after it; logits_to_keep = T.
     Returns (N, T) float32. The logits are divided by the sampling temperature: the completions were
     sampled from softmax(logits / temperature), and the ratio and KL must score that distribution.
-    log_softmax(logits, token_ids, temperature) is selective_log_softmax; the training loop (sections A
-    and B) passes InPlaceSelectiveLogSoftmax.apply: the same values, a backward with no (N, T, V) extras.
+    log_softmax(logits, token_ids, temperature) is selective_log_softmax; the training loop's LogProbModule
+    (section B) passes InPlaceSelectiveLogSoftmax.apply (A): the same values, no (N, T, V) extras in backward.
     Copy with: selective_log_softmax.
     """
     # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
@@ -910,10 +913,16 @@ def keep_metrics_up_to(metrics_path: str, step: int) -> None:
     """On resume, drop the metrics of steps after the checkpoint (they run again) and a line cut short by a kill."""
     if not os.path.exists(metrics_path):
         return
+    kept = []
     with open(metrics_path, encoding="utf-8") as f:
-        lines = f.readlines()
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step and line.endswith("\n"):
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short
     with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= step)
+        f.writelines(kept)
     os.replace(metrics_path + ".tmp", metrics_path)
 
 
@@ -927,9 +936,9 @@ class Stopped(Exception):
 
 class StopRequest:
     """The handler of SIGINT (Ctrl-C) and SIGTERM (a pre-empted job). While training (RunControl.start until the
-    final model is saved) a first signal is only recorded: the step finishes, a checkpoint is saved, the run
-    stops; a second quits at once without saving (KeyboardInterrupt). Anywhere else (loading, evaluation) the
-    first signal stops the run at once: nothing is half done."""
+    final model is saved) a first signal is only recorded: the step, or the checkpoint or final model being
+    written, is finished, then the run stops (after a checkpoint); a second quits at once without saving
+    (KeyboardInterrupt). Anywhere else (loading, evaluation) the first stops the run at once."""
 
     def __init__(self, repeat_quits: bool = True):
         # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
@@ -981,9 +990,9 @@ class RunControl:
         state, self.resume = self.resume, None  # dropped once used: the optimizer state is large
         if state is None:
             return 0, None
-        settings = [{"lr": group["lr"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(state.pop("optimizer"))
-        for group, setting in zip(optimizer.param_groups, settings):  # this run's flags, not the checkpoint's
+        for group, setting in zip(optimizer.param_groups, settings):  # this run's flags and kernel, not the saved
             group.update(setting)
         restore_rng(state["rng"])
         self.bad_steps = state["bad_steps"]
@@ -1174,14 +1183,14 @@ def train_with_grpo(
     """
     device = next(policy.parameters()).device
     amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
-    parallel = parallel or Parallel(device=device, autocast_dtype=amp_dtype)
-    run = run or RunControl()
+    parallel = parallel or Parallel(device=device, autocast_dtype=amp_dtype)  # engineering B: one process
+    run = run or RunControl()  # engineering C: print only
     eos_ids = end_of_sequence_ids(policy, tokenizer)
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
     variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
                    max_completion_length=max_completion_length)  # grpo_loss's variant arguments
     total_steps, history = num_iterations * num_steps, []
-    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # (0, None) unless resumed
+    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # C: (0, None) or resumed
 
     for step in range(first_step, total_steps):  # step: 0-based global step
         started = time.perf_counter()
@@ -1196,7 +1205,7 @@ def train_with_grpo(
         # 2) Roll out G completions per prompt with the current policy, which is therefore pi_old for
         #    this step. eval() turns off dropout and gradient checkpointing while generating.
         policy.eval()
-        prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(
+        prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(  # (N, P) x 2, (N, T) x 2
             policy, tokenizer, prompts, num_generations, max_completion_length, temperature, eos_ids,
             generate=parallel.generate)  # engineering B: sample_sequences, spread over GPUs and processes
         texts = decode_completions(tokenizer, completion_ids, completion_mask)
@@ -1294,7 +1303,7 @@ def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
 
 
-def _gsm8k_rows(source: str, split: str) -> list[dict]:
+def _gsm8k_rows(source: str, split: str, flag: str) -> list[dict]:
     """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
     if not looks_local(source):
         use_hub_cache_only_if_offline()
@@ -1303,7 +1312,7 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
             return list(datasets.load_dataset(source, "main", split=split))
         except Exception as e:  # the hub raises many kinds (offline, unknown name, no such split)
             raise DataError(f"could not load data set '{source}' (split '{split}'): {first_line(e)}; "
-                            f"{offline_advice('--dataset FILE.jsonl')}") from None
+                            f"{offline_advice(flag + ' FILE.jsonl')}") from None
     json_name = source.endswith((".json", ".jsonl"))
     if os.path.isdir(source) or (os.path.exists(source) and not json_name):
         raise DataError(f"{source}: a local data set must be a .json or .jsonl file")
@@ -1332,10 +1341,10 @@ def _gsm8k_rows(source: str, split: str) -> list[dict]:
         raise DataError(f"{source} is not valid JSON or JSON Lines ({e})") from None
 
 
-def load_gsm8k(source: str, split: str = "train") -> list[dict]:
+def load_gsm8k(source: str, split: str = "train", flag: str = "--dataset") -> list[dict]:
     """GSM8K-style examples [{"question": str, "answer": the part after '####'}] from a hub data set (config
     "main") or a local .json/.jsonl file; rows without a question or a '####' answer are skipped (none left: error)."""
-    rows = _gsm8k_rows(source, split)
+    rows = _gsm8k_rows(source, split, flag)  # flag: the one that named source, for the advice
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
     if not rows:
@@ -1417,7 +1426,8 @@ def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
     if checkpoint and os.path.isfile(os.path.join(out, "args.json")):
         with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
             began = json.load(f)
-        changed = [f"--{k} {began[k]} -> {getattr(args, k)}" for k in FIXED_ON_RESUME
+        fixed = FIXED_ON_RESUME + (("num_steps",) if began.get("num_iterations", 1) > 1 else ())  # iterations' ends
+        changed = [f"--{k} {began[k]} -> {getattr(args, k)}" for k in fixed
                    if k in began and began[k] != getattr(args, k)]
         if changed:
             raise DataError(f"a resumed run cannot change what it trains ({', '.join(changed)}); to train with them, "
@@ -1501,7 +1511,8 @@ class Session:
         if args.eval_size:
             if args.eval_dataset is None and looks_local(args.dataset):
                 raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
-            eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test")[:args.eval_size]
+            eval_flag = "--eval_dataset" if args.eval_dataset else "--dataset"
+            eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test", eval_flag)[:args.eval_size]
         resume_from = checkpoint_to_resume(args)
         policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, self.parallel.device)
         resume = load_training_state(resume_from, self.parallel.device) if resume_from else None
@@ -1519,11 +1530,11 @@ class Session:
         device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
         self.parallel = parallel = start_parallel(torch.device(device), args.bf16)
         args.bf16 = args.bf16 and device == "cuda"  # args.json records what applies
-        if device == "cpu" and args.model_name == build_parser().get_default("model_name"):
-            print("no GPU: the default run (the 1.5B model, 500 steps) needs one with about 40 GB or more; on a CPU "
-                  "use a small model and few steps (README: Running it)")
         if not parallel.is_main:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
+        if not torch.cuda.is_available() and args.model_name == build_parser().get_default("model_name"):
+            print("no GPU: the default run (the 1.5B model, 500 steps) needs one with about 40 GB or more; on a CPU "
+                  "use a small model and few steps (README: Running it)")
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
         policy, tokenizer, train_examples, eval_examples, resume = self._agreed(self._load)
         self._agreed(prepare_output_dir if parallel.is_main else None, args, resume)
@@ -1580,12 +1591,14 @@ class Session:
             print(f"saved the trained model and tokenizer to {out}")
         self.parallel.barrier()
         self.trained, self.stop.training, self.stop.saving = bool(history), False, None
-        if self.stop.signum is not None:  # a signal while the final model was being saved
-            raise Stopped(f"stopped by {signal.Signals(self.stop.signum).name} once the final model was saved in "
-                          f"{out}, before the evaluation after training", self.stop.signum)
+        signum = max(self.parallel.everyone(self.stop.signum or 0)) or None  # torchrun: all stop if one was signalled
+        if signum is not None:  # a signal while the final model was being saved
+            raise Stopped(f"stopped by {signal.Signals(signum).name} once the final model was saved in {out}, "
+                          "before the evaluation after training", signum)
         self.stop.where = "during the evaluation after training (the trained model is saved)"
 
     def __exit__(self, kind, error, traceback) -> bool:
+        """Put the signal handlers back; turn an early end into its line and exit code (see the class)."""
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         if error is None:
@@ -1593,7 +1606,7 @@ class Session:
             return False
         carry_on, signum = what_to_run_next(self.args), self.stop.signum
         if isinstance(error, (DataError, FloatingPointError)):
-            raise SystemExit(1 if self.quiet and getattr(error, "shared", False) else f"error: {error}")
+            raise SystemExit(1 if self.quiet and getattr(error, "shared", False) else f"error: {first_line(error)}")
         if isinstance(error, Stopped) and error.signum is None:  # repeated non-finite updates
             raise SystemExit(1 if self.quiet else f"error: {error}; {carry_on} once the cause is fixed")
         if isinstance(error, Stopped):

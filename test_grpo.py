@@ -1768,9 +1768,7 @@ def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_ou
 
 @pytest.mark.slow
 def test_torchrun_signal_ends_in_one_checkpoint_and_a_resume_carries_on(tiny_dir, tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
-    grpo.main(_ddp_flags(tiny_dir, data, tmp_path / "straight", "--num_steps", "4"))
-    out = tmp_path / "run"
+    data, out = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40)), tmp_path / "run"
     flags = _ddp_flags(tiny_dir, data, out, "--num_steps", "100000")
     process = subprocess.Popen([*TORCHRUN, os.path.join(HERE, "grpo.py"), *flags], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -1796,9 +1794,11 @@ def test_torchrun_signal_ends_in_one_checkpoint_and_a_resume_carries_on(tiny_dir
     assert stderr.count("checkpoint saved in") == 1  # process 0 alone speaks
     checkpoints = grpo.list_checkpoints(out)
     assert len(checkpoints) == 1 and grpo.load_training_state(checkpoints[0])["step"] == len(_metrics(out))
-    result = _torchrun(_ddp_flags(tiny_dir, data, out, "--num_steps", "4", "--resume_from", "latest"))
+    total = str(len(_metrics(out)) + 2)  # where it stopped depends on when the signal came: two steps more
+    grpo.main(_ddp_flags(tiny_dir, data, tmp_path / "straight", "--num_steps", total))
+    result = _torchrun(_ddp_flags(tiny_dir, data, out, "--num_steps", total, "--resume_from", "latest"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4]
+    assert [m["step"] for m in _metrics(out)] == list(range(1, int(total) + 1))
     assert [m["reward"] for m in _metrics(out)] == [m["reward"] for m in _metrics(tmp_path / "straight")]
     assert torch.allclose(_weights(out), _weights(tmp_path / "straight"), atol=1e-5)
 
