@@ -946,6 +946,10 @@ class StopRequest:
         self.signum, self.training, self.repeat_quits, self.saving = None, False, repeat_quits, None
         self.where = "while loading"  # what the run is doing, for the message (Session keeps it up to date)
 
+    def agreed(self, parallel: Parallel) -> int | None:
+        """The signal to stop for, if any process got one: under torchrun they may arrive at different moments."""
+        return max(parallel.everyone(self.signum or 0)) or None
+
     def __call__(self, signum: int, frame) -> None:
         if self.signum is not None:
             if self.training and self.repeat_quits:
@@ -1028,8 +1032,7 @@ class RunControl:
             print(f"{details_line(record)}\n--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n"
                   f">>> {text}\n---", flush=True)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
-        # Under torchrun a signal may reach the processes at different moments: all stop if one got it.
-        signum = max(self.parallel.everyone(self.stop.signum or 0)) or None
+        signum = self.stop.agreed(self.parallel)
         saved = "nothing new to save"
         if self.output_dir and (signum or self.bad_steps >= self.max_bad_steps or step == self.total_steps
                                 or (self.save_steps and step % self.save_steps == 0)):
@@ -1039,7 +1042,7 @@ class RunControl:
                                 {"bad_steps": self.bad_steps}, self.save_total_limit)
             self.parallel.barrier()
             saved, self.stop.saving = f"checkpoint saved in {self.stop.saving}", None
-            signum = max(self.parallel.everyone(self.stop.signum or 0)) or None  # one may have come meanwhile
+            signum = self.stop.agreed(self.parallel)  # one may have come meanwhile
         if self.bad_steps >= self.max_bad_steps:
             raise Stopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the last "
                           f"good weights are kept); lower --learning_rate or check the data; {saved}")
@@ -1591,7 +1594,7 @@ class Session:
             print(f"saved the trained model and tokenizer to {out}")
         self.parallel.barrier()
         self.trained, self.stop.training, self.stop.saving = bool(history), False, None
-        signum = max(self.parallel.everyone(self.stop.signum or 0)) or None  # torchrun: all stop if one was signalled
+        signum = self.stop.agreed(self.parallel)
         if signum is not None:  # a signal while the final model was being saved
             raise Stopped(f"stopped by {signal.Signals(signum).name} once the final model was saved in {out}, "
                           "before the evaluation after training", signum)
