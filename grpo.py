@@ -25,9 +25,6 @@ Which GRPO this is (the paper leaves these open; each is settled in the docstrin
 The family since then changes one piece each, one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
 --epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
-One step of train_with_grpo, its numbered phases: 1) take B prompts (a new reference model when an
-iteration starts); 2) roll out G completions per prompt; 3) rewards -> group-relative advantages;
-4) the reference model's log-probs; 5) mu clipped policy updates; 6) log, checkpoint, stop if asked.
 
 Where this departs from the notebook it follows (theLMbook's "GRPO from scratch"), on purpose:
     1. prompts go through the model's chat template instead of joined strings;
@@ -55,6 +52,7 @@ N = B * G sequences, P prompt tokens (left-padded), T completion tokens, V vocab
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -63,13 +61,10 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import time
-import urllib.parse
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 def _stopped_while_importing(signum, frame):
@@ -326,7 +321,7 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
 
     forward:   log p(x) = logit[x] / T - logsumexp(logits / T), one sequence at a time, in float32
     backward:  d log p(x) / d logits = (onehot(x) - softmax(logits / T)) / T, written into the logits
-    So it runs backward once only, on logits nobody else reads (compute_log_probs hands them straight here).
+    So it runs backward once only (a second raises autograd's in-place error), on logits nobody else reads.
     apply(logits (N, T, V), token_ids (N, T), temperature) -> (N, T) float32.
     """
 
@@ -337,15 +332,11 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
             torch.logsumexp(row.float() if temperature == 1.0 else row.float() / temperature, dim=-1)
             for row in logits])
         ctx.save_for_backward(logits, token_ids, log_normalizers)
-        ctx.temperature, ctx.used = temperature, False
+        ctx.temperature = temperature
         return token_logits - log_normalizers  # (N, T)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.used:  # checked before saved_tensors, which would raise autograd's own in-place error
-            raise RuntimeError("compute_log_probs supports one backward pass only: its backward reuses the "
-                               "logits' memory for their gradient (compute the log-probs again to differentiate again)")
-        ctx.used = True
         logits, token_ids, log_normalizers = ctx.saved_tensors
         t = ctx.temperature
         for i in range(logits.size(0)):  # one sequence at a time
@@ -468,19 +459,16 @@ class InverseCDFSampler(LogitsProcessor):
     The uniforms are drawn up front, one per sequence and new token (n, max_new_tokens), so a sample
     depends on its own row only: splitting the rows over GPUs or processes changes no completion. (It
     is also 4x faster on CPU than torch.multinomial over 151,936 logits.) It returns -inf except at the
-    drawn token, for greedy mode's argmax. A row that is not finite (a NaN from the model) is recorded
-    in broken_rows, without a host sync per token; sample_sequences raises once generation ends.
+    drawn token, for greedy mode's argmax.
     """
 
     def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
         self.temperature, self.uniforms, self.prompt_length = temperature, uniforms, prompt_length
-        self.broken_rows = torch.zeros(uniforms.size(0), dtype=torch.bool, device=uniforms.device)  # (n,)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = self.uniforms[:, input_ids.size(1) - self.prompt_length].unsqueeze(1)  # (n, 1), this token's draws
         weights = torch.exp((scores - scores.max(dim=-1, keepdim=True).values) / self.temperature)  # (n, V)
         cdf = weights.cumsum(dim=-1)  # (n, V), unnormalised: the last column is the total
-        self.broken_rows |= ~torch.isfinite(cdf[:, -1])  # (n,): NaN or inf somewhere in the row
         token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.size(-1) - 1)  # (n, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
 
@@ -491,7 +479,7 @@ def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     """model.generate() with the KV cache: prompts (n, P) -> prompts + completions (n, P + t), t <= max_new_tokens.
 
     With a temperature, InverseCDFSampler draws each new token from softmax(logits / temperature) with
-    uniforms (n, max_new_tokens); None: greedy decoding (evaluation). A NaN score: FloatingPointError.
+    uniforms (n, max_new_tokens); None: greedy decoding (evaluation).
     Copy with: InverseCDFSampler.
     """
     samplers = LogitsProcessorList()
@@ -500,14 +488,9 @@ def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     # Greedy mode applies none of the checkpoint's sampling filters, and its repetition penalty is switched
     # off (Qwen2.5 sets none of generate's other processors, e.g. suppress_tokens, no_repeat_ngram_size).
     # use_cache: the KV cache, each new token attends to stored keys/values (O(T), not O(T^2) per token).
-    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                               do_sample=False, repetition_penalty=1.0, logits_processor=samplers,
-                               eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)  # (n, P + t)
-    if samplers and bool(samplers[0].broken_rows.any()):  # (generate stops once every sequence has ended)
-        raise FloatingPointError(f"the model's scores were NaN or inf for {int(samplers[0].broken_rows.sum())}"
-                                 f" of {len(prompt_ids)} sequences while sampling; the weights or the attention "
-                                 "kernel produced them (see the README's GPU notes)")
-    return sequences
+    return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, repetition_penalty=1.0, logits_processor=samplers,
+                          eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)  # (n, P + t)
 
 
 def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
@@ -597,16 +580,11 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # Engineering B: DataParallel and torchrun (several GPUs, processes and machines)
 # (skip on first reading; the tutorial continues at section 8)
 # ================================================================================================
-# The loop calls three methods of a Parallel object, each a lesson function with the work spread out
-# and the same result: generate (sample_sequences), log_probs (compute_log_probs in micro-batches, no
-# gradient) and accumulate_grpo_gradients.
-# `python grpo.py`: nn.DataParallel splits a module's inputs along dim 0 over the visible GPUs, runs a
-# replica on each share in threads and concatenates the outputs on GPU 0; the wrapped modules return
-# small results (log-probs, not logits; token ids padded to one width). Without GPUs it calls the module
-# directly: the tests run this path. `torchrun ... grpo.py`: one process per GPU (or CPU worker, gloo),
-# each with a whole policy, reference model and optimizer; each samples and scores its block of the
-# step's rows and the blocks are gathered, so every process holds a single-process run's completions,
-# rewards and advantages. Its rows' update runs through DistributedDataParallel. Process 0 alone writes.
+# The loop calls three methods of a Parallel object, each a lesson function with the work spread out and
+# the same result: generate, log_probs and accumulate_grpo_gradients. `python grpo.py`: nn.DataParallel splits
+# a module's rows over the visible GPUs, a replica in a thread on each (without GPUs it calls the module: the
+# tests run this path). `torchrun ... grpo.py`: one process per GPU or CPU worker; each samples and scores its
+# block of the step's rows, the blocks are gathered, and its update runs through DDP. Process 0 alone writes.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -615,25 +593,6 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     if torch.distributed.is_initialized():
         return module
     return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast on GPU (weights stay float32); a no-op when dtype is None or on CPU."""
-    if dtype is None or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def _expose_replica_parameters(module: nn.Module) -> None:
-    """Let transformers' generate() find the device of a DataParallel replica, which it reads from
-    parameters(): a replica keeps its weights as plain attributes (in _former_parameters). A torch
-    release that stores them elsewhere fails here with a clear error, not deep inside generate()."""
-    for sub in module.modules():
-        if getattr(sub, "_is_replica", False) and not sub._parameters:
-            sub._parameters = dict(getattr(sub, "_former_parameters", {}))
-    if next(module.parameters(), None) is None:
-        raise RuntimeError(f"torch {torch.__version__} keeps DataParallel replicas' weights where grpo.py "
-                           "cannot find them (no _former_parameters); run on one GPU (CUDA_VISIBLE_DEVICES=0)")
 
 
 class GenerateModule(nn.Module):
@@ -646,8 +605,12 @@ class GenerateModule(nn.Module):
         self.model, self.autocast_dtype, self.settings = model, autocast_dtype, settings
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None = None):
-        _expose_replica_parameters(self)
-        with autocast(prompt_ids.device, self.autocast_dtype):
+        # generate() reads the device from parameters(), and a DataParallel replica has none: its weights are
+        # plain attributes, listed in _former_parameters
+        for sub in self.modules():
+            if getattr(sub, "_is_replica", False) and not sub._parameters:
+                sub._parameters = dict(getattr(sub, "_former_parameters", {}))
+        with torch.autocast(prompt_ids.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             sequences = sample_sequences(self.model, prompt_ids, prompt_mask, uniforms, **self.settings)  # (n, P + t)
         width = prompt_ids.size(1) + self.settings["max_new_tokens"]
         return nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.settings["pad_token_id"])
@@ -662,7 +625,7 @@ class LogProbModule(nn.Module):
         self.model, self.temperature, self.autocast_dtype = model, temperature, autocast_dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
-        with autocast(input_ids.device, self.autocast_dtype):
+        with torch.autocast(input_ids.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return compute_log_probs(self.model, input_ids, attention_mask, logits_to_keep, self.temperature,
                                      log_softmax=InPlaceSelectiveLogSoftmax.apply)
 
@@ -703,19 +666,17 @@ class Parallel:
             torch.distributed.all_gather_object(values, value)
         return values
 
-    def mean(self, values: dict) -> dict:
-        """Each value (a number or a 0-d tensor) as a float, averaged over the processes."""
-        every = self.everyone({name: float(value) for name, value in values.items()})
-        return {name: sum(v[name] for v in every) / self.world_size for name in values}
-
-    def check(self, error: str | None) -> None:
-        """Raise DataError on every process if any met one: no process waits for one that has exited."""
-        failed = [(rank, message) for rank, message in enumerate(self.everyone(error)) if message is not None]
-        if failed:
-            rank, message = failed[0]
-            error = DataError(message if rank == 0 else f"[process {rank}] {message}")
-            error.shared = True  # every process raises it; process 0 prints it
-            raise error
+    def agree(self, function, *args):
+        """function(*args) (None: nothing to do on this process); a DataError on any process is raised on every
+        one, so that none waits for one that has exited (Session: process 0 prints it)."""
+        try:
+            result, error = function(*args) if function else None, None
+        except DataError as e:
+            result, error = None, f"[process {self.rank}] {e}" if self.rank else str(e)
+        errors = [message for message in self.everyone(error) if message is not None]
+        if errors:
+            raise DataError(errors[0])
+        return result
 
     def barrier(self) -> None:
         """Wait until every process gets here (e.g. while process 0 writes a checkpoint)."""
@@ -765,7 +726,8 @@ class Parallel:
             scorer, input_ids[rows], attention_mask[rows], completion_mask[rows], advantages[rows], old, ref,
             micro_batch_size * self.gpus, beta, epsilon, batch_tokens=completion_mask.sum().item() / self.world_size,
             no_sync=self.trained.no_sync if self.trained is not None else None, **variant)
-        return self.gather(log_probs), self.mean(totals)  # (N, T), floats
+        every = self.everyone({name: float(value) for name, value in totals.items()})  # each process's metrics
+        return self.gather(log_probs), {name: sum(v[name] for v in every) / self.world_size for name in totals}
 
 
 def start_parallel(device: torch.device, bf16: bool) -> Parallel:
@@ -791,30 +753,18 @@ def start_parallel(device: torch.device, bf16: bool) -> Parallel:
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def format_seconds(seconds: float) -> str:
-    """Seconds as h:mm:ss, for the ETA."""
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+def eta(step_seconds: list[float], steps_left: int) -> str:
+    """The time left as h:mm:ss: the median of the last five step times (the first ones warm up) x the steps left."""
+    seconds = int(statistics.median(step_seconds[-5:]) * steps_left) if step_seconds else 0
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far: CUDA max allocated on GPU, max resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def remaining_seconds(step_seconds: list[float], steps_left: int) -> float:
-    """The ETA: the median of the last five step times (the first ones warm up), times the steps left."""
-    return statistics.median(step_seconds[-5:]) * steps_left if step_seconds else 0.0
-
-
-def step_line(record: dict, total_steps: int, eta_seconds: float) -> str:
+def step_line(record: dict, total_steps: int, time_left: str) -> str:
     """The one line printed per step (at most 120 characters): what tells whether RL is working."""
     return (f"step {record['step']}/{total_steps} reward {record['reward']:.3f} "
             f"(correct {record['correctness_reward']:.3f} format {record['format_reward']:.3f}) "
             f"std {record['reward_std']:.2f} kl {record['kl']:.4f} clip {record['clip_ratio']:.3f} "
-            f"len {record['completion_length']:.0f} {record['step_seconds']:.1f}s eta {format_seconds(eta_seconds)}")
+            f"len {record['completion_length']:.0f} {record['step_seconds']:.1f}s eta {time_left}")
 
 
 def details_line(record: dict) -> str:
@@ -825,32 +775,20 @@ def details_line(record: dict) -> str:
             f"update {record['update_seconds']:.1f}s")
 
 
-def sparkline(values: list[float], width: int = 40) -> str:
-    """values as a line of block characters (their mean over `width` equal stretches), low to high."""
-    blocks = "▁▂▃▄▅▆▇█"
-    try:
-        blocks.encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        blocks = "_.-:=+*#"  # a terminal without Unicode
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    n = min(width, len(values))
-    means = [statistics.mean(values[i * len(values) // n:(i + 1) * len(values) // n]) for i in range(n)]
-    low, high = min(means, default=0.0), max(means, default=0.0)
-    return "".join(blocks[int((m - low) / (high - low) * (len(blocks) - 1)) if high > low else 0] for m in means)
-
-
 def print_run_summary(history: list[dict], device: torch.device) -> None:
-    """The run at a glance (reward, correctness, format, KL as sparklines) and where the time went."""
+    """The run at a glance: reward, correctness, format and KL of its first and last steps, and where the time went."""
     if not history:
         return
-    for key, label in (("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"),
-                       ("kl", "kl")):
-        print(f"{label:>8} {history[0][key]:8.4f} {sparkline([r[key] for r in history])} {history[-1][key]:.4f}")
+    first, last = history[0], history[-1]
+    print("first -> last step: " + ", ".join(f"{label} {first[key]:.4f} -> {last[key]:.4f}" for key, label in (
+        ("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"), ("kl", "kl"))))
     mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}  # NaN-safe
+    peak_mib = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"  # on CPU: max RSS, Linux's KiB
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     print(f"summary: {len(history)} step{'s' if len(history) > 1 else ''}, {mean['step_seconds']:.2f} s/step = rollout "
           f"{mean['rollout_seconds']:.2f} s + update {mean['update_seconds']:.2f} s + reference pass and scoring\n"
           f"         generation {mean['generation_tokens_per_second']:.0f} tok/s, training "
-          f"{mean['train_tokens_per_second']:.0f} tok/s; peak memory {peak_memory_mib(device):.0f} MiB "
+          f"{mean['train_tokens_per_second']:.0f} tok/s; peak memory {peak_mib:.0f} MiB "
           f"({'CUDA max allocated' if device.type == 'cuda' else 'max RSS'})", flush=True)
 
 
@@ -902,10 +840,10 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state(state.cpu(), index)
 
 
-def write_json(path: str, value) -> None:
-    """Write JSON to a '.tmp' file, then rename it into place: an interruption never leaves half a file."""
+def write_file(path: str, text: str) -> None:
+    """Write text to a '.tmp' file, then rename it into place: an interruption never leaves half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
@@ -921,9 +859,7 @@ def keep_metrics_up_to(metrics_path: str, step: int) -> None:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line cut short
-    with open(metrics_path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    write_file(metrics_path, "".join(kept))
 
 
 class Stopped(Exception):
@@ -973,8 +909,7 @@ class RunControl:
     """Everything about a run that is not GRPO: what it prints and writes, when it saves checkpoints, what
     it carries on from, when it stops. train_with_grpo calls start once and end_step after each step."""
 
-    output_dir: str | None = None  # checkpoints go here (None: none)
-    metrics_path: str | None = None  # one JSON line per step (None: none)
+    output_dir: str | None = None  # checkpoints and metrics.jsonl (one JSON line per step) go here (None: none)
     save_steps: int = 0  # a checkpoint every this many steps (0: only at the end or when stopping early)
     save_total_limit: int = 2
     max_bad_steps: int = 3  # stop after this many steps in a row with a skipped non-finite update
@@ -1000,16 +935,16 @@ class RunControl:
             group.update(setting)
         restore_rng(state["rng"])
         self.bad_steps = state["bad_steps"]
-        if self.metrics_path and self.parallel.is_main:
-            keep_metrics_up_to(self.metrics_path, state["step"])
+        if self.output_dir and self.parallel.is_main:
+            keep_metrics_up_to(os.path.join(self.output_dir, "metrics.jsonl"), state["step"])
         reference = None
         if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
-            reference = make_reference_model(policy, amp_dtype)
+            reference = make_reference_model(policy, amp_dtype)  # none saved (--beta 0 then): the resumed policy
             if state["reference"] is not None:
                 reference.load_state_dict(state.pop("reference"))
-            else:
-                print("the checkpoint has no reference model (saved with --beta 0): the resumed policy becomes it")
-        print(f"resumed from {state['path']} at step {state['step']}/{total_steps}")
+        finished = ": this run is finished; a larger --num_steps (counted from its start) trains it further"
+        print(f"resumed from {state['path']} at step {state['step']}/{total_steps}"
+              f"{finished if state['step'] >= total_steps else ''}")
         return state["step"], reference
 
     def end_step(self, record: dict, sample: tuple[str, str, str, float], policy, tokenizer, optimizer,
@@ -1018,12 +953,11 @@ class RunControl:
         metrics.jsonl, save a checkpoint if due or the run must stop (a signal, max_bad_steps bad steps), then stop."""
         step, skipped = record["step"], record["skipped_updates"]
         self.step_seconds.append(record["step_seconds"])
-        if self.metrics_path and self.parallel.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:  # json has no NaN: a skipped loss is null
+        if self.output_dir and self.parallel.is_main:  # json has no NaN: a skipped loss is null
+            with open(os.path.join(self.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                     for k, v in record.items()}) + "\n")
-        print(step_line(record, self.total_steps, remaining_seconds(self.step_seconds, self.total_steps - step)),
-              flush=True)
+        print(step_line(record, self.total_steps, eta(self.step_seconds, self.total_steps - step)), flush=True)
         if skipped:
             print(f"  SKIPPED {skipped}/{self.mu} non-finite updates of step {step} (the loss or gradient norm "
                   "was NaN/inf)", flush=True)
@@ -1257,7 +1191,7 @@ def train_with_grpo(
         run.end_step(history[-1], (batch[0]["question"], texts[0], answers[0], rewards[0].item()),
                      policy, tokenizer, optimizer, reference)  # engineering C: print, metrics.jsonl, checkpoint
 
-    print_run_summary(history, device)  # engineering C: sparklines and where the time went
+    print_run_summary(history, device)  # engineering C: first and last step, and where the time went
     return history
 
 
@@ -1285,22 +1219,6 @@ def looks_local(name: str) -> bool:
             or os.path.isdir(name.split("/")[0]))
 
 
-def use_hub_cache_only_if_offline() -> None:
-    """Without a network the hub libraries retry each file for ~25 s: if a 3 s check fails, use only the hub cache."""
-    import huggingface_hub.constants
-    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # a direct connection would not use them
-    if huggingface_hub.constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in proxies):
-        return
-    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=3).close()
-    except OSError:
-        print(f"{endpoint.hostname} cannot be reached: using only the local hub cache", flush=True)
-        huggingface_hub.constants.HF_HUB_OFFLINE = True  # what transformers asks before any download
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read by datasets on import
-
-
 def first_line(error: Exception) -> str:
     """The first line of an error's message, without a final full stop (or the error's type)."""
     return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
@@ -1309,7 +1227,6 @@ def first_line(error: Exception) -> str:
 def _gsm8k_rows(source: str, split: str, flag: str) -> list[dict]:
     """Raw rows from a local .json/.jsonl file (a JSON list or one object per line) or a hub data set."""
     if not looks_local(source):
-        use_hub_cache_only_if_offline()
         import datasets  # imported here: local files and the tests do not pay for it (about 90 MB)
         try:
             return list(datasets.load_dataset(source, "main", split=split))
@@ -1369,14 +1286,13 @@ def load_gsm8k(source: str, split: str = "train", flag: str = "--dataset") -> li
 def load_model_and_tokenizer(name: str, device: torch.device):
     """The policy in float32 (master weights; bf16 autocast on GPU) and its tokenizer (chat template, pad token)."""
     path = os.path.expanduser(name)
-    if not looks_local(name):
-        use_hub_cache_only_if_offline()
-    elif os.path.isfile(path):
-        raise DataError(f"--model_name {name} is a file: pass the folder that save_pretrained wrote")
-    elif not os.path.isdir(path):
-        raise DataError(f"model directory not found: {name}")
-    elif not os.path.isfile(os.path.join(path, "config.json")):
-        raise DataError(f"--model_name {name} holds no saved model (no config.json)")
+    if looks_local(name):
+        if os.path.isfile(path):
+            raise DataError(f"--model_name {name} is a file: pass the folder that save_pretrained wrote")
+        if not os.path.isdir(path):
+            raise DataError(f"model directory not found: {name}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise DataError(f"--model_name {name} holds no saved model (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -1395,19 +1311,6 @@ def load_model_and_tokenizer(name: str, device: torch.device):
     return model.to(device), tokenizer
 
 
-def format_count(n: int) -> str:
-    """A parameter count people read at a glance: 29,504 -> '29.5K', 1,543,714,304 -> '1.54B'."""
-    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= size:
-            return f"{n / size:.3g}{suffix}"
-    return str(n)
-
-
-def finished_model_in(output_dir: str) -> bool:
-    """Whether output_dir holds the final model of a run (save_pretrained writes config.json)."""
-    return os.path.isfile(os.path.join(output_dir, "config.json"))
-
-
 # On resume these flags must be those the run began with (args.json): they define what is trained. The others
 # (learning rate, weight decay, gradient clipping, num_steps, evaluation, saving, logging, memory) take effect.
 FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_size", "num_generations", "mu",
@@ -1415,73 +1318,28 @@ FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_siz
                    "scale_rewards", "importance_sampling_level", "mask_truncated_completions")
 
 
-def checkpoint_to_resume(args: argparse.Namespace) -> str | None:
-    """The checkpoint --resume_from names (None without it); an --output_dir holding a run is never reused silently."""
-    out = args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DataError(f"--output_dir {out} is a file, not a folder")
-    checkpoints = list_checkpoints(out)
-    if args.resume_from == "latest" and not checkpoints:
-        raise DataError(f"--resume_from latest: no checkpoint in {out}")
-    checkpoint = checkpoints[-1] if args.resume_from == "latest" else args.resume_from
-    if checkpoint and not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
-        raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
-    if checkpoint and os.path.isfile(os.path.join(out, "args.json")):
-        with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
-            began = json.load(f)
-        fixed = FIXED_ON_RESUME + (("num_steps",) if began.get("num_iterations", 1) > 1 else ())  # iterations' ends
-        changed = [f"--{k} {began[k]} -> {getattr(args, k)}" for k in fixed
-                   if k in began and began[k] != getattr(args, k)]
-        if changed:
-            raise DataError(f"a resumed run cannot change what it trains ({', '.join(changed)}); to train with them, "
-                            "start a new run in another --output_dir or with --overwrite_output_dir")
-    held = [os.path.basename(path) for path in checkpoints]
-    held += ["a finished model"] if finished_model_in(out) else []
-    if not checkpoint and held and not args.overwrite_output_dir:
-        raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
-                        "or start again with --overwrite_output_dir")
-    return checkpoint
-
-
-def record_args(output_dir: str, args: argparse.Namespace, resumed_from: dict | None) -> None:
-    """args.json: the run's flags when it starts; each resume appends where from and which flags changed."""
-    path = os.path.join(output_dir, "args.json")
-    flags = {k: v for k, v in vars(args).items() if k not in ("resume_from", "overwrite_output_dir")}
-    record = {**flags, "resumes": []}
-    if resumed_from is not None and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-        changed = {k: [record.get(k), v] for k, v in flags.items() if record.get(k) != v}
-        record.setdefault("resumes", []).append({"from": resumed_from["path"], "step": resumed_from["step"],
-                                                 "changed": changed})
-        if changed:
-            print("changed since the run began: " + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    write_json(path, record)
-
-
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
-    """Create --output_dir once everything has loaded (a failed start leaves nothing behind); a new run deletes
-    an earlier attempt's checkpoints, metrics, evaluation and finished model (config.json); write args.json."""
+    """Create --output_dir once everything has loaded (a failed start leaves nothing behind); a new run deletes an
+    earlier attempt's checkpoints, metrics, evaluation and finished model (config.json), a resume prints the flags
+    it changed. args.json: the flags of the run's latest start."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("resume_from", "overwrite_output_dir")}
+    path = os.path.join(args.output_dir, "args.json")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        for path in list_checkpoints(args.output_dir) if resume is None else []:
-            shutil.rmtree(path)
+        for old in list_checkpoints(args.output_dir) if resume is None else []:
+            shutil.rmtree(old)
         for name in ("metrics.jsonl", "eval.json", "config.json") if resume is None else ():
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
-        record_args(args.output_dir, args, resume)
+        if resume is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                before = json.load(f)
+            changed = [f"--{k} {before.get(k)} -> {v}" for k, v in flags.items() if before.get(k) != v]
+            if changed:
+                print(f"changed since the last start, from step {resume['step']}: {', '.join(changed)}")
+        write_file(path, json.dumps(flags, indent=2))
     except OSError as e:
         raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
-
-
-def what_to_run_next(args: argparse.Namespace) -> str:
-    """After a stop: the command that carries on (or starts again), for the last line printed."""
-    checkpoints = list_checkpoints(args.output_dir)
-    if not checkpoints:
-        return "no checkpoint was saved: run the same command again to start over"
-    without = " without --overwrite_output_dir and" if args.overwrite_output_dir else ""
-    return (f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with "
-            "--resume_from latest")
 
 
 class Session:
@@ -1498,27 +1356,40 @@ class Session:
         self.previous = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def _agreed(self, function, *args):
-        """function(*args) (None: nothing to do on this process); a DataError on any process ends all."""
-        try:
-            result, error = function(*args) if function else None, None
-        except DataError as e:
-            result, error = None, str(e)
-        self.parallel.check(error)
-        return result
-
     def _load(self) -> tuple:
-        """The data, the model (a resumed run: its checkpoint's) and the resume state."""
-        args = self.args
+        """The data, the model (a resumed run: the checkpoint --resume_from names) and the resume state; an
+        --output_dir holding a run is never reused silently."""
+        args, out = self.args, self.args.output_dir
         train_examples, eval_examples = load_gsm8k(args.dataset, "train"), []
         if args.eval_size:
             if args.eval_dataset is None and looks_local(args.dataset):
                 raise DataError("evaluation needs held-out data: pass --eval_dataset FILE, or --eval_size 0")
             eval_flag = "--eval_dataset" if args.eval_dataset else "--dataset"
             eval_examples = load_gsm8k(args.eval_dataset or args.dataset, "test", eval_flag)[:args.eval_size]
-        resume_from = checkpoint_to_resume(args)
-        policy, tokenizer = load_model_and_tokenizer(resume_from or args.model_name, self.parallel.device)
-        resume = load_training_state(resume_from, self.parallel.device) if resume_from else None
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise DataError(f"--output_dir {out} is a file, not a folder")
+        checkpoints = list_checkpoints(out)
+        if args.resume_from == "latest" and not checkpoints:
+            raise DataError(f"--resume_from latest: no checkpoint in {out}")
+        checkpoint = checkpoints[-1] if args.resume_from == "latest" else args.resume_from
+        if checkpoint and not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
+            raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
+        if checkpoint and os.path.isfile(os.path.join(out, "args.json")):  # the flags of the run's last start
+            with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
+                began = json.load(f)
+            fixed = FIXED_ON_RESUME + (("num_steps",) if began.get("num_iterations", 1) > 1 else ())  # iterations' ends
+            changed = [f"--{k} {began[k]} -> {getattr(args, k)}" for k in fixed
+                       if k in began and began[k] != getattr(args, k)]
+            if changed:
+                raise DataError(f"a resumed run cannot change what it trains ({', '.join(changed)}); to train with "
+                                "them, start a new run in another --output_dir or with --overwrite_output_dir")
+        held = [os.path.basename(path) for path in checkpoints]
+        held += ["a finished model"] if os.path.isfile(os.path.join(out, "config.json")) else []  # save_pretrained's
+        if not checkpoint and held and not args.overwrite_output_dir:
+            raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
+                            "or start again with --overwrite_output_dir")
+        policy, tokenizer = load_model_and_tokenizer(checkpoint or args.model_name, self.parallel.device)
+        resume = load_training_state(checkpoint, self.parallel.device) if checkpoint else None
         return policy, tokenizer, train_examples, eval_examples, resume
 
     def load(self) -> tuple:
@@ -1539,31 +1410,21 @@ class Session:
             print("no GPU: the default run (the 1.5B model, 500 steps) needs one with about 40 GB or more; on a CPU "
                   "use a small model and few steps (README: Running it)")
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
-        policy, tokenizer, train_examples, eval_examples, resume = self._agreed(self._load)
-        self._agreed(prepare_output_dir if parallel.is_main else None, args, resume)
+        policy, tokenizer, train_examples, eval_examples, resume = parallel.agree(self._load)
+        parallel.agree(prepare_output_dir if parallel.is_main else None, args, resume)
         if args.gradient_checkpointing:  # transformers applies it in train mode only: rollouts keep their speed
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        gpus = torch.cuda.device_count() if parallel.device.type == "cuda" else 0
-        if parallel.world_size > 1:
-            print(f"torchrun: {parallel.world_size} processes ({torch.distributed.get_backend()}), process 0 on "
-                  f"{parallel.device}")
-        else:
-            print(f"device {parallel.device} ({gpus} GPU(s) via DataParallel)" if gpus else "device cpu (float32)")
-        print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, "
-              f"model {args.model_name} ({format_count(sum(p.numel() for p in policy.parameters()))} parameters)")
-        total_steps = args.num_iterations * args.num_steps
-        if resume and resume["step"] >= total_steps:
-            print(f"this run is finished ({resume['step']}/{total_steps} steps); to train it further, run the same "
-                  "command with a larger --num_steps (steps count from the start of the run)")
+        print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, model "
+              f"{args.model_name} ({sum(p.numel() for p in policy.parameters()):,} parameters) on {parallel.device}"
+              f"{f' x {parallel.world_size} processes' if parallel.world_size > 1 else ''}"
+              f"{f' (DataParallel over {parallel.gpus} GPUs)' if parallel.gpus > 1 else ''}")
         eval_path = os.path.join(args.output_dir, "eval.json")
         if resume and os.path.exists(eval_path):  # the "before" evaluation is kept from the first start
             with open(eval_path, encoding="utf-8") as f:
                 self.evaluation = json.load(f)
         self.stop.where, self.resumed = f"before step {resume['step'] + 1 if resume else 1}", resume is not None
-        self.run = RunControl(  # it takes the resume state and lets go of it once used: the optimizer state is large
-            output_dir=args.output_dir, metrics_path=os.path.join(args.output_dir, "metrics.jsonl"),
-            save_steps=args.save_steps, save_total_limit=args.save_total_limit, max_bad_steps=args.max_bad_steps,
-            log_completions_steps=args.log_completions_steps, resume=resume, stop=self.stop, parallel=parallel)
+        flags = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(RunControl)}}  # save_steps, ...
+        self.run = RunControl(**flags, resume=resume, stop=self.stop, parallel=parallel)  # lets go of resume once used
         return policy, tokenizer, train_examples, eval_examples
 
     def evaluate(self, when: str, policy, tokenizer, examples: list[dict]) -> None:
@@ -1577,7 +1438,7 @@ class Session:
             batch_size=self.args.eval_batch_size, label=f"eval {when}", generate=self.parallel.generate)
         self.evaluating = False
         if self.parallel.is_main:
-            write_json(os.path.join(self.args.output_dir, "eval.json"), self.evaluation)
+            write_file(os.path.join(self.args.output_dir, "eval.json"), json.dumps(self.evaluation, indent=2))
         if when == "after" and "before" in self.evaluation:
             before, after = self.evaluation["before"], self.evaluation["after"]
             sizes = "" if before["num_examples"] == after["num_examples"] else \
@@ -1588,7 +1449,7 @@ class Session:
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
         out, self.stop.saving = self.args.output_dir, f"the final model in {self.args.output_dir}"
-        if self.parallel.is_main and (history or not finished_model_in(out)):
+        if self.parallel.is_main and (history or not os.path.isfile(os.path.join(out, "config.json"))):
             policy.save_pretrained(out)
             tokenizer.save_pretrained(out)
             print(f"saved the trained model and tokenizer to {out}")
@@ -1607,9 +1468,14 @@ class Session:
         if error is None:
             self.parallel.barrier()  # no process tears down the process group while another still uses it
             return False
-        carry_on, signum = what_to_run_next(self.args), self.stop.signum
-        if isinstance(error, (DataError, FloatingPointError)):
-            raise SystemExit(1 if self.quiet and getattr(error, "shared", False) else f"error: {first_line(error)}")
+        checkpoints, signum = list_checkpoints(self.args.output_dir), self.stop.signum
+        carry_on = "no checkpoint was saved: run the same command again to start over"  # or the command that carries on
+        if checkpoints:
+            without = " without --overwrite_output_dir and" if self.args.overwrite_output_dir else ""
+            carry_on = (f"to carry on from {os.path.basename(checkpoints[-1])}, run the same command{without} with "
+                        "--resume_from latest")
+        if isinstance(error, DataError):
+            raise SystemExit(1 if self.quiet else f"error: {first_line(error)}")
         if isinstance(error, Stopped) and error.signum is None:  # repeated non-finite updates
             raise SystemExit(1 if self.quiet else f"error: {error}; {carry_on} once the cause is fixed")
         if isinstance(error, Stopped):
@@ -1777,16 +1643,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with Session(args) as session:
         policy, tokenizer, train_examples, eval_examples = session.load()
         session.evaluate("before", policy, tokenizer, eval_examples)
-        history = train_with_grpo(
-            policy, tokenizer, train_examples,
-            num_iterations=args.num_iterations, num_steps=args.num_steps, batch_size=args.batch_size,
-            num_generations=args.num_generations, mu=args.mu, max_completion_length=args.max_completion_length,
-            temperature=args.temperature, beta=args.beta, epsilon=args.epsilon, learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, micro_batch_size=args.micro_batch_size,
-            bf16=args.bf16, seed=args.seed, scale_rewards=args.scale_rewards, loss_type=args.loss_type,
-            epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
-            mask_truncated_completions=args.mask_truncated_completions,
-            parallel=session.parallel, run=session.run)
+        # The notebook's training_config: every flag that names a hyperparameter of train_with_grpo
+        training_config = {k: v for k, v in vars(args).items() if k in inspect.signature(train_with_grpo).parameters}
+        history = train_with_grpo(policy, tokenizer, train_examples, **training_config,
+                                  parallel=session.parallel, run=session.run)
         session.save(policy, tokenizer, history)
         session.evaluate("after", policy, tokenizer, eval_examples)
     return history
