@@ -25,6 +25,9 @@ Which GRPO this is (the paper leaves these open; each is settled in the docstrin
 The family since then changes one piece each, one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
 --epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
+One step of train_with_grpo, its numbered phases: 1) take B prompts (a new reference model when an
+iteration starts); 2) roll out G completions per prompt; 3) rewards -> group-relative advantages;
+4) the reference model's log-probs; 5) mu clipped policy updates; 6) log, checkpoint, stop if asked.
 
 Where this departs from the notebook it follows (theLMbook's "GRPO from scratch"), on purpose:
     1. prompts go through the model's chat template instead of joined strings;
