@@ -1568,7 +1568,11 @@ def test_a_signal_while_the_final_model_is_saved_says_so_and_stops_before_the_ev
 @pytest.mark.slow
 def test_a_signal_while_the_libraries_load_ends_in_one_line_and_the_advice(tmp_path):
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py")], stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # python has started; torch is still loading
+    for _ in range(600):  # until torch's library is mapped: grpo.py runs and torch is still loading (a fixed
+        with open(f"/proc/{process.pid}/maps") as maps:  # sleep was at times shorter than python's start)
+            if "libtorch" in maps.read():
+                break
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.strip() == "stopped by SIGINT while loading; run the same command again"
