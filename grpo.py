@@ -15,12 +15,10 @@ versions in through named arguments (compute_log_probs' log_softmax, generate_co
 and the training loop reaches them through four marked calls (its set-up builds the two objects).
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
-    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), sample std (divisor G - 1), one
-               value for every token of completion i; a group whose rewards all agree gives A = 0
-    ratio      rho_t = exp(log pi_theta(o_t) - log pi_old(o_t)), clipped to [1 - epsilon, 1 + epsilon]
-    KL         k3: exp(q - p) - (q - p) - 1 with p = log pi_theta, q = log pi_ref, weight beta
-    loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t) A_i) - beta KL_t], the first
-               end-of-sequence token counted in |o_i|
+    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with the sample std (divisor G - 1), for
+               every token of completion i; exactly 0 for a group whose rewards all agree
+    loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta KL_t],
+               rho_t = pi_theta(o_t) / pi_old(o_t), KL_t the k3 estimate to pi_ref, |o_i| up to the first EOS
     mu         policy updates per batch of rollouts; pi_old is the policy that sampled them
 The family since then changes one piece each, one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
@@ -645,10 +643,6 @@ class Parallel:
     trained: nn.Module | None = None  # under torchrun: the policy in DistributedDataParallel
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def gpus(self) -> int:
         """How many GPUs DataParallel splits this process's rows over (1 on CPU and under torchrun)."""
         return torch.cuda.device_count() if self.device.type == "cuda" and self.world_size == 1 else 1
@@ -854,14 +848,8 @@ def keep_metrics_up_to(metrics_path: str, step: int) -> None:
     """On resume, drop the metrics of steps after the checkpoint (they run again) and a line cut short by a kill."""
     if not os.path.exists(metrics_path):
         return
-    kept = []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step and line.endswith("\n"):
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut short
+    with open(metrics_path, encoding="utf-8") as f:  # a line cut short by a kill is the last, without its newline
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
     write_file(metrics_path, "".join(kept))
 
 
@@ -938,7 +926,7 @@ class RunControl:
             group.update(setting)
         restore_rng(state["rng"])
         self.bad_steps = state["bad_steps"]
-        if self.output_dir and self.parallel.is_main:
+        if self.output_dir and self.parallel.rank == 0:
             keep_metrics_up_to(os.path.join(self.output_dir, "metrics.jsonl"), state["step"])
         reference = None
         if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
@@ -956,7 +944,7 @@ class RunControl:
         metrics.jsonl, save a checkpoint if due or the run must stop (a signal, max_bad_steps bad steps), then stop."""
         step, skipped = record["step"], record["skipped_updates"]
         self.step_seconds.append(record["step_seconds"])
-        if self.output_dir and self.parallel.is_main:  # json has no NaN: a skipped loss is null
+        if self.output_dir and self.parallel.rank == 0:  # json has no NaN: a skipped loss is null
             with open(os.path.join(self.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                     for k, v in record.items()}) + "\n")
@@ -974,7 +962,7 @@ class RunControl:
         if self.output_dir and (signum or self.bad_steps >= self.max_bad_steps or step == self.total_steps
                                 or (self.save_steps and step % self.save_steps == 0)):
             self.stop.saving = os.path.join(self.output_dir, f"{CHECKPOINT_PREFIX}{step}")
-            if self.parallel.is_main:  # one writer; the others wait for it
+            if self.parallel.rank == 0:  # one writer; the others wait for it
                 save_checkpoint(self.output_dir, step, policy, tokenizer, optimizer, reference,
                                 {"bad_steps": self.bad_steps}, self.save_total_limit)
             self.parallel.barrier()
@@ -1407,14 +1395,14 @@ class Session:
         device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
         self.parallel = parallel = start_parallel(torch.device(device), args.bf16)
         args.bf16 = args.bf16 and device == "cuda"  # args.json records what applies
-        if not parallel.is_main:
+        if parallel.rank != 0:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
         if not torch.cuda.is_available() and args.model_name == build_parser().get_default("model_name"):
             print("no GPU: the default run (the 1.5B model, 500 steps) needs one with about 40 GB or more; on a CPU "
                   "use a small model and few steps (README: Running it)")
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
         policy, tokenizer, train_examples, eval_examples, resume = parallel.agree(self._load)
-        parallel.agree(prepare_output_dir if parallel.is_main else None, args, resume)
+        parallel.agree(prepare_output_dir if parallel.rank == 0 else None, args, resume)
         if args.gradient_checkpointing:  # transformers applies it in train mode only: rollouts keep their speed
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, model "
@@ -1440,7 +1428,7 @@ class Session:
             policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
             batch_size=self.args.eval_batch_size, label=f"eval {when}", generate=self.parallel.generate)
         self.evaluating = False
-        if self.parallel.is_main:
+        if self.parallel.rank == 0:
             write_file(os.path.join(self.args.output_dir, "eval.json"), json.dumps(self.evaluation, indent=2))
         if when == "after" and "before" in self.evaluation:
             before, after = self.evaluation["before"], self.evaluation["after"]
@@ -1452,7 +1440,7 @@ class Session:
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
         out, self.stop.saving = self.args.output_dir, f"the final model in {self.args.output_dir}"
-        if self.parallel.is_main and (history or not os.path.isfile(os.path.join(out, "config.json"))):
+        if self.parallel.rank == 0 and (history or not os.path.isfile(os.path.join(out, "config.json"))):
             policy.save_pretrained(out)
             tokenizer.save_pretrained(out)
             print(f"saved the trained model and tokenizer to {out}")
