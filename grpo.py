@@ -10,9 +10,8 @@ Read the numbered sections in order: they are the tutorial, GRPO and nothing els
     2. rewards                            5. the GRPO loss                      8. the training loop
     3. group-relative advantages          6. rollouts: G completions a prompt   9. the command line
 The fenced sections A-D hold what a real run needs besides (memory, several GPUs and processes, logs,
-checkpoints, signals, loading and errors). Sections 1-7 never call into them: the fences swap their
-versions in through named arguments (compute_log_probs' log_softmax, generate_completions' generate),
-and the training loop reaches them through four marked calls (its set-up builds the two objects).
+checkpoints, signals, loading and errors). Sections 1-7 never call into them: the fences swap their versions in
+through two named arguments, and the training loop reaches them through four marked calls.
 
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
     advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with the sample std (divisor G - 1), for
@@ -57,6 +56,7 @@ import inspect
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import resource
@@ -216,8 +216,7 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_
 
     The variants change the divisor (the group mean is always subtracted), scale_rewards:
         "group"  std of the completion's own group + 1e-4 (DeepSeekMath; the default)
-        "batch"  std of all N rewards + 1e-4: one scale for the batch, so a group whose rewards barely
-                 differ does not get advantages as large as one whose rewards differ a lot
+        "batch"  std of all N rewards + 1e-4: one scale, so a group whose rewards barely differ gets small A
         "none"   no division, A_i = r_i - mean_group(r) (Dr. GRPO, arXiv 2503.20783: dividing by the
                  group std up-weights questions that are nearly always or nearly never solved)
     """
@@ -279,8 +278,7 @@ def compute_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     # The logit at position t scores the token at t + 1. The completion is the last T tokens, at positions
     # L-T .. L-1 (L = P + T), so its scores are the logits at positions L-T-1 .. L-2. logits_to_keep takes
     # those indices: the LM head runs on T positions, not P + T, and no slice of the logits is copied.
-    length = input_ids.size(1)
-    keep = torch.arange(length - logits_to_keep - 1, length - 1, device=input_ids.device)  # (T,)
+    keep = torch.arange(input_ids.size(1) - logits_to_keep - 1, input_ids.size(1) - 1, device=input_ids.device)  # (T,)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=keep, use_cache=False).logits  # (N, T, V); one full pass: no KV cache to build
     return log_softmax(logits, input_ids[:, -logits_to_keep:], temperature)  # (N, T), scoring the completion
@@ -294,12 +292,9 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
     token <|endoftext|> is also one of its end-of-turn tokens. A completion with no EOS (cut at the
     length limit) keeps all its tokens. completion_ids: (N, T) -> (N, T) int64.
     """
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # (N, T)
-    num_tokens = completion_ids.size(1)
-    # argmax returns the first maximum: the first EOS; a row without one ends after its last token
-    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), num_tokens)  # (N,)
-    positions = torch.arange(num_tokens, device=completion_ids.device)  # (T,)
-    return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # (N, T)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).long()  # (N, T)
+    eos_before = is_eos.cumsum(dim=1) - is_eos  # (N, T): how many EOS tokens come before each token
+    return (eos_before == 0).long()  # (N, T): kept up to and including the first EOS
 
 
 def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -311,10 +306,9 @@ def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]
 # Engineering A: the in-place log-softmax backward, which saves most of an update's memory
 # (skip on first reading; the tutorial continues at section 5)
 # ================================================================================================
-# With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of an update (4 sequences
-# x 400 tokens x 151,936 x 4 bytes = 0.97 GB), and plain autograd keeps or builds several of that size
-# for the backward pass. Written by hand, the backward needs none: it turns the logits into their own
-# gradient, row by row. LogProbModule (section B) passes it to compute_log_probs as its log_softmax.
+# With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of an update (4 sequences x 400 tokens
+# x 151,936 x 4 bytes = 0.97 GB), and plain autograd keeps or builds several of that size for the backward pass.
+# Written by hand, the backward needs none: it turns the logits into their own gradient, row by row.
 
 
 class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
@@ -434,11 +428,8 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
     loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
     clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0)).expand_as(mask).to(mask.dtype)  # (N, T)
     clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).expand_as(mask).to(mask.dtype)  # (N, T)
-    metrics = {
-        "kl": masked_sequence_mean(kl.detach(), mask),
-        "clip_ratio_low": masked_sequence_mean(clipped_low, mask),
-        "clip_ratio_high": masked_sequence_mean(clipped_high, mask),
-    }
+    per_token = {"kl": kl.detach(), "clip_ratio_low": clipped_low, "clip_ratio_high": clipped_high}  # (N, T) each
+    metrics = {name: masked_sequence_mean(values, mask) for name, values in per_token.items()}
     metrics["clip_ratio"] = metrics["clip_ratio_low"] + metrics["clip_ratio_high"]
     return loss, metrics
 
@@ -458,9 +449,8 @@ class InverseCDFSampler(LogitsProcessor):
     Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
     take u ~ Uniform[0, 1) and the first token k with c_k > u * c_V; then P(k) = w_k / c_V exactly.
     The uniforms are drawn up front, one per sequence and new token (n, max_new_tokens), so a sample
-    depends on its own row only: splitting the rows over GPUs or processes changes no completion. (It
-    is also 4x faster on CPU than torch.multinomial over 151,936 logits.) It returns -inf except at the
-    drawn token, for greedy mode's argmax.
+    depends on its own row only: splitting the rows over GPUs or processes changes no completion. It
+    returns -inf except at the drawn token, for greedy mode's argmax.
     """
 
     def __init__(self, temperature: float, uniforms: torch.Tensor, prompt_length: int):
@@ -483,14 +473,12 @@ def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     uniforms (n, max_new_tokens); None: greedy decoding (evaluation).
     Copy with: InverseCDFSampler.
     """
-    samplers = LogitsProcessorList()
-    if temperature is not None:
-        samplers.append(InverseCDFSampler(temperature, uniforms, prompt_ids.size(1)))
+    samplers = [] if temperature is None else [InverseCDFSampler(temperature, uniforms, prompt_ids.size(1))]
     # Greedy mode applies none of the checkpoint's sampling filters, and its repetition penalty is switched
     # off (Qwen2.5 sets none of generate's other processors, e.g. suppress_tokens, no_repeat_ngram_size).
     # use_cache: the KV cache, each new token attends to stored keys/values (O(T), not O(T^2) per token).
     return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                          do_sample=False, repetition_penalty=1.0, logits_processor=samplers,
+                          do_sample=False, repetition_penalty=1.0, logits_processor=LogitsProcessorList(samplers),
                           eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)  # (n, P + t)
 
 
@@ -511,21 +499,18 @@ def generate_completions(model, tokenizer, prompts: list[str], num_generations: 
     compute_group_advantages expects. Prompts are left-padded so that every completion starts at the
     same column P. generate(model, prompt_ids, prompt_mask, uniforms, **settings) is sample_sequences;
     the training loop passes Parallel.generate (section B): the same sequences, the work spread out.
-    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), T cut to the
-    longest completion.
+    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), T the longest's length.
     Copy with: sample_sequences, InverseCDFSampler, create_completion_mask.
     """
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
-    uniforms = None  # all the rollout's randomness, drawn here from the seeded CPU generator, whatever the device
-    if temperature is not None:
-        uniforms = torch.rand(prompt_ids.size(0), max_new_tokens).to(device)  # (N, max_new_tokens)
+    # all the rollout's randomness, drawn here from the seeded CPU generator, whatever the device: (N, max_new_tokens)
+    uniforms = None if temperature is None else torch.rand(prompt_ids.size(0), max_new_tokens).to(device)
     with torch.no_grad():
-        sequences = generate(model, prompt_ids, prompt_mask, uniforms, max_new_tokens=max_new_tokens,
-                             temperature=temperature, eos_token_ids=eos_token_ids,
-                             pad_token_id=tokenizer.pad_token_id)  # (N, P + t)
+        sequences = generate(model, prompt_ids, prompt_mask, uniforms, max_new_tokens=max_new_tokens,  # (N, P + t)
+                             temperature=temperature, eos_token_ids=eos_token_ids, pad_token_id=tokenizer.pad_token_id)
     completion_ids = sequences[:, prompt_ids.size(1):]  # (N, t)
     completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, t)
     longest = max(int(completion_mask.sum(dim=1).max()), 1)
@@ -534,8 +519,7 @@ def generate_completions(model, tokenizer, prompts: list[str], num_generations: 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
     """The text of each completion, up to its first EOS, without special tokens."""
-    lengths = completion_mask.sum(dim=1).tolist()
-    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)]
+    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
@@ -581,33 +565,28 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # Engineering B: DataParallel and torchrun (several GPUs, processes and machines)
 # (skip on first reading; the tutorial continues at section 8)
 # ================================================================================================
-# The loop calls three methods of a Parallel object, each a lesson function with the work spread out and
-# the same result: generate, log_probs and accumulate_grpo_gradients. `python grpo.py`: nn.DataParallel splits
-# a module's rows over the visible GPUs, a replica in a thread on each (without GPUs it calls the module: the
-# tests run this path). `torchrun ... grpo.py`: one process per GPU or CPU worker; each samples and scores its
-# block of the step's rows, the blocks are gathered, and its update runs through DDP. Process 0 alone writes.
+# The loop calls three methods of a Parallel object: generate, log_probs and accumulate_grpo_gradients.
+# `python grpo.py`: nn.DataParallel, a replica in a thread on each visible GPU (without GPUs it calls the module: the
+# tests run this path). `torchrun ... grpo.py`: one process per GPU or CPU worker, each on its block of the step's rows.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     """module in nn.DataParallel over every visible GPU when device is CUDA; unchanged under torchrun,
     and with --device cpu on a machine with GPUs (where DataParallel would move the work to them)."""
-    if torch.distributed.is_initialized():
-        return module
-    return nn.DataParallel(module) if device.type == "cuda" or not torch.cuda.is_available() else module
+    spread = not torch.distributed.is_initialized() and (device.type == "cuda" or not torch.cuda.is_available())
+    return nn.DataParallel(module) if spread else module
 
 
 class GenerateModule(nn.Module):
-    """sample_sequences as a module DataParallel can split: forward(prompt_ids, prompt_mask, uniforms) ->
-    (n, P + max_new_tokens), padded to that width so that the replicas' outputs concatenate. settings:
-    sample_sequences' keywords. Autocast is entered inside each replica's thread."""
+    """sample_sequences as a module DataParallel can split, autocast in each replica's thread: forward(prompt_ids,
+    prompt_mask, uniforms) -> (n, P + max_new_tokens), padded to that width so the replicas' outputs concatenate."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, **settings):
         super().__init__()
         self.model, self.autocast_dtype, self.settings = model, autocast_dtype, settings
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None = None):
-        # generate() reads the device from parameters(), and a DataParallel replica has none: its weights are
-        # plain attributes, listed in _former_parameters
+        # generate() reads the device from parameters(); a DataParallel replica has none: see _former_parameters
         for sub in self.modules():
             if getattr(sub, "_is_replica", False) and not sub._parameters:
                 sub._parameters = dict(getattr(sub, "_former_parameters", {}))
@@ -727,20 +706,6 @@ class Parallel:
         return self.gather(log_probs), {name: sum(v[name] for v in every) / self.world_size for name in totals}
 
 
-def start_parallel(device: torch.device, bf16: bool) -> Parallel:
-    """Join torchrun's process group if torchrun started this process (WORLD_SIZE, RANK, LOCAL_RANK):
-    NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on CPU. bf16: autocast on GPU."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank = torch.distributed.get_rank()
-    return Parallel(rank, world_size, device, torch.bfloat16 if bf16 and device.type == "cuda" else None)
-
-
 # ================================================================================================
 # Engineering C: logs, checkpoints, resume, signals and faults
 # (skip on first reading; the tutorial continues at section 8)
@@ -839,8 +804,7 @@ def restore_rng(rng: dict) -> None:
 
 def write_file(path: str, text: str) -> None:
     """Write text to a '.tmp' file, then rename it into place: an interruption never leaves half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
+    pathlib.Path(path + ".tmp").write_text(text, encoding="utf-8")
     os.replace(path + ".tmp", path)
 
 
@@ -938,8 +902,7 @@ class RunControl:
               f"{finished if state['step'] >= total_steps else ''}")
         return state["step"], reference
 
-    def end_step(self, record: dict, sample: tuple[str, str, str, float], policy, tokenizer, optimizer,
-                 reference) -> None:
+    def end_step(self, record: dict, sample: tuple, policy, tokenizer, optimizer, reference) -> None:
         """Print the step's line (every log_completions_steps steps also details and a sample), append it to
         metrics.jsonl, save a checkpoint if due or the run must stop (a signal, max_bad_steps bad steps), then stop."""
         step, skipped = record["step"], record["skipped_updates"]
@@ -1000,8 +963,7 @@ def make_reference_model(policy: torch.nn.Module, dtype: torch.dtype | None) -> 
     if dtype is not None:
         for param in reference.parameters():
             param.data = param.data.to(dtype)
-    reference.eval().requires_grad_(False)
-    return reference
+    return reference.eval().requires_grad_(False)
 
 
 def make_optimizer(policy: torch.nn.Module, learning_rate: float, weight_decay: float,
@@ -1044,8 +1006,7 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
         batch_tokens = completion_mask.sum().item()
     log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
     totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
-    from contextlib import nullcontext  # imported here too, so that the function can be copied as it is
-
+    from contextlib import nullcontext  # imported here, so that the function can be copied as it is
     for c in micro_batches(num_sequences, micro_batch_size):
         average_now = no_sync is None or c.stop == num_sequences  # DDP: once per update, with the last
         with nullcontext() if average_now else no_sync():
@@ -1149,10 +1110,8 @@ def train_with_grpo(
         loss_mask = completion_mask * ~truncated.unsqueeze(1) if mask_truncated_completions else completion_mask
 
         # 4) The reference model's log-probs of the same tokens, once per step: the KL anchor.
-        ref_log_probs = None
-        if reference is not None:  # engineering B: compute_log_probs in micro-batches, no gradient
-            ref_log_probs = parallel.log_probs(reference, input_ids, attention_mask, completion_ids.size(1),
-                                               temperature, micro_batch_size)  # (N, T)
+        ref_log_probs = None if reference is None else parallel.log_probs(  # engineering B: compute_log_probs
+            reference, input_ids, attention_mask, completion_ids.size(1), temperature, micro_batch_size)  # (N, T)
 
         # 5) mu policy updates on this one batch of rollouts. pi_old stays the policy that sampled them:
         #    the first update computes its log-probs anyway (the policy has not moved yet), so those,
@@ -1204,14 +1163,12 @@ def offline_advice(local: str) -> str:
 
 
 def looks_local(name: str) -> bool:
-    """Whether name means a local path rather than a hub id ("owner/name"): it starts with '.', '/' or '~',
-    has a .json/.jsonl extension or not exactly one '/', or its first folder exists here."""
+    """Whether name means a local path rather than a hub id ("owner/name")."""
     return (name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith((".json", ".jsonl"))
             or os.path.isdir(name.split("/")[0]))
 
 
 def first_line(error: Exception) -> str:
-    """The first line of an error's message, without a final full stop (or the error's type)."""
     return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
 
 
@@ -1231,20 +1188,15 @@ def _gsm8k_rows(source: str, split: str, flag: str) -> list[dict]:
         hint = "" if "/" in source or json_name else " (a hub data set is named owner/name, e.g. openai/gsm8k)"
         raise DataError(f"data file not found: {source}{hint}")
     try:
-        with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
-            text = f.read()
-        if not text.strip():
-            raise DataError(f"data file is empty: {source}")
+        text = pathlib.Path(source).read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the JSON
         if text.lstrip().startswith("["):
             return json.loads(text)
-        rows, start = [], 0  # start: where the line begins in the file
-        for line in text.split("\n"):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:  # report the file's line and column, not the line's own
-                    raise json.JSONDecodeError(e.msg, text, start + e.pos) from None
-            start += len(line) + 1
+        rows = []
+        for line in re.finditer(r"^.*\S.*$", text, re.MULTILINE):  # each line that is not blank, and where it starts
+            try:
+                rows.append(json.loads(line[0]))
+            except json.JSONDecodeError as e:  # report the file's line and column, not the line's own
+                raise json.JSONDecodeError(e.msg, text, line.start() + e.pos) from None
         return rows
     except UnicodeDecodeError:
         raise DataError(f"{source} is not UTF-8 text") from None
@@ -1259,7 +1211,7 @@ def load_gsm8k(source: str, split: str = "train", flag: str = "--dataset") -> li
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
     if not rows:
-        raise DataError(f"{source}: no examples")
+        raise DataError(f"{source} is empty: no examples")
     missing = sorted({"question", "answer"} - set(rows[0]))
     if missing:
         raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {missing}")
@@ -1311,24 +1263,16 @@ FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_siz
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
     """Create --output_dir once everything has loaded (a failed start leaves nothing behind); a new run deletes an
-    earlier attempt's checkpoints, metrics, evaluation and finished model (config.json), a resume prints the flags
-    it changed. args.json: the flags of the run's latest start."""
+    earlier attempt's checkpoints, metrics, evaluation and finished model (config.json). args.json: the flags of
+    the run's latest start."""
     flags = {k: v for k, v in vars(args).items() if k not in ("resume_from", "overwrite_output_dir")}
-    path = os.path.join(args.output_dir, "args.json")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         for old in list_checkpoints(args.output_dir) if resume is None else []:
             shutil.rmtree(old)
         for name in ("metrics.jsonl", "eval.json", "config.json") if resume is None else ():
-            if os.path.exists(os.path.join(args.output_dir, name)):
-                os.remove(os.path.join(args.output_dir, name))
-        if resume is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                before = json.load(f)
-            changed = [f"--{k} {before.get(k)} -> {v}" for k, v in flags.items() if before.get(k) != v]
-            if changed:
-                print(f"changed since the last start, from step {resume['step']}: {', '.join(changed)}")
-        write_file(path, json.dumps(flags, indent=2))
+            pathlib.Path(args.output_dir, name).unlink(missing_ok=True)
+        write_file(os.path.join(args.output_dir, "args.json"), json.dumps(flags, indent=2))
     except OSError as e:
         raise DataError(f"cannot write to --output_dir {args.output_dir}: {e.strerror}") from None
 
@@ -1366,14 +1310,16 @@ class Session:
         if checkpoint and not os.path.isfile(os.path.join(checkpoint, "training_state.pt")):
             raise DataError(f"--resume_from {checkpoint}: not a checkpoint folder (no training_state.pt)")
         if checkpoint and os.path.isfile(os.path.join(out, "args.json")):  # the flags of the run's last start
-            with open(os.path.join(out, "args.json"), encoding="utf-8") as f:
-                began = json.load(f)
+            began = json.loads(pathlib.Path(out, "args.json").read_text(encoding="utf-8"))
             fixed = FIXED_ON_RESUME + (("num_steps",) if began.get("num_iterations", 1) > 1 else ())  # iterations' ends
-            changed = [f"--{k} {began[k]} -> {getattr(args, k)}" for k in fixed
-                       if k in began and began[k] != getattr(args, k)]
-            if changed:
-                raise DataError(f"a resumed run cannot change what it trains ({', '.join(changed)}); to train with "
+            changed = {k: f"--{k} {began.get(k)} -> {v}" for k, v in vars(args).items()
+                       if k not in ("resume_from", "overwrite_output_dir") and began.get(k) != v}
+            refused = [changed[k] for k in fixed if k in changed and k in began]
+            if refused:
+                raise DataError(f"a resumed run cannot change what it trains ({', '.join(refused)}); to train with "
                                 "them, start a new run in another --output_dir or with --overwrite_output_dir")
+            if changed:  # the flags that may change, taking effect now
+                print(f"changed since the last start: {', '.join(changed.values())}")
         held = [os.path.basename(path) for path in checkpoints]
         held += ["a finished model"] if os.path.isfile(os.path.join(out, "config.json")) else []  # save_pretrained's
         if not checkpoint and held and not args.overwrite_output_dir:
@@ -1392,9 +1338,17 @@ class Session:
             raise DataError("--device cuda was asked for, but torch sees no GPU (the default 1.5B run needs one with "
                             "about 40 GB or more; the README has CPU commands)")
         # cuda (or auto with a GPU): GPU 0, DataParallel over every visible GPU (torchrun: one per process)
-        device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-        self.parallel = parallel = start_parallel(torch.device(device), args.bf16)
-        args.bf16 = args.bf16 and device == "cuda"  # args.json records what applies
+        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        args.bf16 = args.bf16 and device.type == "cuda"  # args.json records what applies
+        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
+        if world_size > 1:  # join torchrun's processes (WORLD_SIZE, RANK, LOCAL_RANK): NCCL, a GPU each, or gloo
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(device)
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            rank = torch.distributed.get_rank()
+        self.parallel = parallel = Parallel(rank, world_size, device, torch.bfloat16 if args.bf16 else None)
         if parallel.rank != 0:
             sys.stdout = open(os.devnull, "w")  # under torchrun, process 0 alone prints
         if not torch.cuda.is_available() and args.model_name == build_parser().get_default("model_name"):
@@ -1409,10 +1363,9 @@ class Session:
               f"{args.model_name} ({sum(p.numel() for p in policy.parameters()):,} parameters) on {parallel.device}"
               f"{f' x {parallel.world_size} processes' if parallel.world_size > 1 else ''}"
               f"{f' (DataParallel over {parallel.gpus} GPUs)' if parallel.gpus > 1 else ''}")
-        eval_path = os.path.join(args.output_dir, "eval.json")
-        if resume and os.path.exists(eval_path):  # the "before" evaluation is kept from the first start
-            with open(eval_path, encoding="utf-8") as f:
-                self.evaluation = json.load(f)
+        eval_path = pathlib.Path(args.output_dir, "eval.json")
+        if resume and eval_path.exists():  # the "before" evaluation is kept from the first start
+            self.evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
         self.stop.where, self.resumed = f"before step {resume['step'] + 1 if resume else 1}", resume is not None
         flags = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(RunControl)}}  # save_steps, ...
         self.run = RunControl(**flags, resume=resume, stop=self.stop, parallel=parallel)  # lets go of resume once used
@@ -1490,11 +1443,10 @@ def exit_process(code: int | str | None) -> None:
         sys.exit(code)
     if isinstance(code, str):  # sys.exit(message): the message, status 1
         print(code, file=sys.stderr)
-        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     torch.distributed.destroy_process_group()
-    os._exit(code or 0)
+    os._exit(1 if isinstance(code, str) else code or 0)
 
 
 # ================================================================================================
@@ -1522,17 +1474,15 @@ non_negative_float = _number_type(float, lambda v: v >= 0 and math.isfinite(v), 
 open_unit_float = _number_type(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 
 
-EXAMPLES = "examples:\n" + (__doc__ or "").split("Commands:\n")[1].split("\n\n")[0]  # the module docstring's
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag's help; the examples printed as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every hyperparameter as a flag, grouped; defaults follow the seed notebook's run."""
+    examples = "examples:\n" + (__doc__ or "").split("Commands:\n")[1].split("\n\n")[0]  # the module docstring's
     parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module "
-                                     "docstring).", formatter_class=_HelpFormatter, epilog=EXAMPLES)
+                                     "docstring).", formatter_class=_HelpFormatter, epilog=examples)
     g = parser.add_argument_group("model and data")
     g.add_argument("--model_name", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub id or local folder of a chat model")
     g.add_argument("--dataset", default="openai/gsm8k", help="hub data set (config 'main', split 'train') or a "
@@ -1576,9 +1526,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "group mean) / (group std + 1e-4), / (std of the step's rewards + 1e-4), or none (Dr. GRPO)")
     g.add_argument("--epsilon_high", type=positive_float, default=None,
                    help="DAPO's clip-higher: ratio kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); None: --epsilon")
-    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
-                   help="sequence = GSPO's exp(mean log-ratio of a completion) for all its tokens (with --epsilon "
-                        "3e-4 --epsilon_high 4e-4)")
+    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"], help="sequence = "
+                   "GSPO's one ratio per completion, exp(mean log-ratio) (with --epsilon 3e-4 --epsilon_high 4e-4)")
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
                    help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
 

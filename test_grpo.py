@@ -1505,7 +1505,7 @@ def test_resuming_a_finished_run_says_so_and_extending_it_is_recorded(tiny_dir, 
     history = grpo.main(_run_flags(tiny_dir, data, out, "--num_steps", "3", "--resume_from", "latest"))
     assert [r["step"] for r in history] == [3] and [m["step"] for m in _metrics(out)] == [1, 2, 3]
     assert json.loads((out / "args.json").read_text())["num_steps"] == 3
-    assert "changed since the last start, from step 2: --num_steps 2 -> 3" in capsys.readouterr().out
+    assert "changed since the last start: --num_steps 2 -> 3" in capsys.readouterr().out
 
 
 @pytest.mark.slow
