@@ -16,8 +16,8 @@ through two named arguments, and the training loop reaches them through four mar
 Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
     advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with the sample std (divisor G - 1), for
                every token of completion i; exactly 0 for a group whose rewards all agree
-    loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta KL_t],
-               rho_t = pi_theta(o_t) / pi_old(o_t), KL_t the k3 estimate to pi_ref, |o_i| up to the first EOS
+    loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon) A_i) - beta KL_t],
+               rho_t = pi_theta(o_t) / pi_old(o_t), KL_t the k3 estimate to pi_ref, |o_i| counting the first EOS
     mu         policy updates per batch of rollouts; pi_old is the policy that sampled them
 The family since then changes one piece each, one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
@@ -586,7 +586,7 @@ class GenerateModule(nn.Module):
         self.model, self.autocast_dtype, self.settings = model, autocast_dtype, settings
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None = None):
-        # generate() reads the device from parameters(); a DataParallel replica has none: see _former_parameters
+        # generate() reads the device from parameters(); a replica has none, its weights are in _former_parameters
         for sub in self.modules():
             if getattr(sub, "_is_replica", False) and not sub._parameters:
                 sub._parameters = dict(getattr(sub, "_former_parameters", {}))
@@ -832,8 +832,7 @@ class StopRequest:
     (KeyboardInterrupt). Anywhere else (loading, evaluation) the first stops the run at once."""
 
     def __init__(self, repeat_quits: bool = True):
-        # Under torchrun a second signal is not the user's "quit now": torchrun forwards what it gets, and
-        # it kills its workers itself if they have not stopped after its shutdown timeout (30 s).
+        # Under torchrun a repeated signal is torchrun forwarding, not "quit now": it kills workers alive after 30 s
         self.signum, self.training, self.repeat_quits, self.saving = None, False, repeat_quits, None
         self.where = "while loading"  # what the run is doing, for the message (Session keeps it up to date)
 
@@ -1211,7 +1210,7 @@ def load_gsm8k(source: str, split: str = "train", flag: str = "--dataset") -> li
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
     if not rows:
-        raise DataError(f"{source} is empty: no examples")
+        raise DataError(f"{source} holds no examples")
     missing = sorted({"question", "answer"} - set(rows[0]))
     if missing:
         raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {missing}")
@@ -1312,9 +1311,9 @@ class Session:
         if checkpoint and os.path.isfile(os.path.join(out, "args.json")):  # the flags of the run's last start
             began = json.loads(pathlib.Path(out, "args.json").read_text(encoding="utf-8"))
             fixed = FIXED_ON_RESUME + (("num_steps",) if began.get("num_iterations", 1) > 1 else ())  # iterations' ends
-            changed = {k: f"--{k} {began.get(k)} -> {v}" for k, v in vars(args).items()
-                       if k not in ("resume_from", "overwrite_output_dir") and began.get(k) != v}
-            refused = [changed[k] for k in fixed if k in changed and k in began]
+            changed = {k: f"--{k} {began[k]} -> {getattr(args, k)}" for k in began  # what args.json records
+                       if k in vars(args) and began[k] != getattr(args, k)}
+            refused = [changed[k] for k in fixed if k in changed]
             if refused:
                 raise DataError(f"a resumed run cannot change what it trains ({', '.join(refused)}); to train with "
                                 "them, start a new run in another --output_dir or with --overwrite_output_dir")
@@ -1526,8 +1525,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "group mean) / (group std + 1e-4), / (std of the step's rewards + 1e-4), or none (Dr. GRPO)")
     g.add_argument("--epsilon_high", type=positive_float, default=None,
                    help="DAPO's clip-higher: ratio kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); None: --epsilon")
-    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"], help="sequence = "
-                   "GSPO's one ratio per completion, exp(mean log-ratio) (with --epsilon 3e-4 --epsilon_high 4e-4)")
+    g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
+                   help="sequence = GSPO's exp(mean log-ratio of a completion) for all its tokens (with --epsilon "
+                        "3e-4 --epsilon_high 4e-4)")
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
                    help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
 

@@ -1094,7 +1094,7 @@ def test_a_bad_model_name_does_not_delete_the_run_to_overwrite(tiny_dir, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("content, message", [
     (None, "data file not found"),
-    ("", "empty"),
+    ("", "holds no examples"),
     ("{not json\n", "not valid JSON"),
     ('{"q": "x", "a": "#### 1"}\n', "'question' and 'answer'"),
     ('{"question": "x", "answer": "no delimiter"}\n', "'####'"),
