@@ -1,54 +1,28 @@
 """GRPO from scratch: fine-tune Qwen2.5-1.5B-Instruct on GSM8K with Group Relative Policy Optimization.
 
-GRPO (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300) is PPO without the critic. For every prompt
-it samples a *group* of G completions, scores each with a rule-based reward, and uses how much better
-than its group a completion did as the advantage of every one of its tokens. Those advantages enter
-PPO's clipped objective, with a KL penalty that keeps the policy near a frozen reference model.
+GRPO (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300) is PPO without the critic. For every prompt it samples
+a *group* of G completions, scores each with a rule-based reward, and uses how much better than its group a
+completion did as the advantage of every one of its tokens, inside PPO's clipped objective with a KL penalty
+that keeps the policy near a frozen reference model. Which GRPO this is (each settled where it is computed):
+    A_i   = (r_i - mean(r_group)) / (std(r_group) + 1e-4), sample std (divisor G - 1); 0 for a group that agrees
+    loss  = -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon) A_i) - beta KL_t]
+    rho_t = pi_theta(o_t) / pi_old(o_t), pi_old the policy that sampled the batch (mu updates per batch);
+    KL_t  the k3 estimate of KL(pi_theta || pi_ref); |o_i| counts the tokens up to and including the first EOS
+The family since then changes one piece each, one flag each: Dr. GRPO, DAPO, GSPO (see grpo_loss).
 
-Read the numbered sections in order: they are the tutorial, GRPO and nothing else.
+The lesson is sections 1-8, in order: GRPO and nothing else.
     1. prompts and answer extraction      4. per-token log-probs and the mask   7. evaluation
     2. rewards                            5. the GRPO loss                      8. the training loop
-    3. group-relative advantages          6. rollouts: G completions a prompt   9. the command line
-The fenced sections A-D hold what a real run needs besides (memory, several GPUs and processes, logs,
-checkpoints, signals, loading and errors). Sections 1-7 never call into them: the fences swap their versions in
-through two named arguments, and the training loop reaches them through four marked calls.
-
-Which GRPO this is (the paper leaves these open; each is settled in the docstring that computes it):
-    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4) with the sample std (divisor G - 1), for
-               every token of completion i; exactly 0 for a group whose rewards all agree
-    loss       -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon) A_i) - beta KL_t],
-               rho_t = pi_theta(o_t) / pi_old(o_t), KL_t the k3 estimate to pi_ref, |o_i| counting the first EOS
-    mu         policy updates per batch of rollouts; pi_old is the policy that sampled them
-The family since then changes one piece each, one flag each (formulas in grpo_loss and
-compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
---epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
-One step of train_with_grpo, its numbered phases: 1) take B prompts (a new reference model when an
-iteration starts); 2) roll out G completions per prompt; 3) rewards -> group-relative advantages;
-4) the reference model's log-probs; 5) mu clipped policy updates; 6) log, checkpoint, stop if asked.
-
-Where this departs from the notebook it follows (theLMbook's "GRPO from scratch"), on purpose:
-    1. prompts go through the model's chat template instead of joined strings;
-    2. completions are sampled from exactly softmax(logits / T), the distribution the log-probs score:
-       the checkpoint's top_k / top_p / repetition penalty never apply (InverseCDFSampler);
-    3. the completion mask ends at the first of all the model's end-of-turn ids, not at the pad id
-       (Qwen's pad token is itself an end-of-turn token);
-    4. one AdamW for the whole run (the notebook makes a new one each iteration, losing its moments);
-    5. evaluation is greedy, on held-out GSM8K test questions, not on training rows;
-    6. DataParallel really splits the work (the notebook unwraps it to generate), and torchrun with
-       DistributedDataParallel goes further;
-    7. updates run in micro-batches with gradients accumulated, and no (N, T, V) log_softmax is built;
-    8. the data are visited as a fresh random permutation per pass (reproducible, resumable).
-
-Commands:
-    python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
-    CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
-    torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
-    python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
-        --max_completion_length 32 --eval_size 4                    # CPU smoke run
+    3. group-relative advantages          6. rollouts: G completions a prompt
+Engineering A-D follow the lesson: memory, exact sampling, several GPUs and processes, logs, checkpoints,
+signals, loading and errors. The lesson never calls into them: they swap their versions in through named
+arguments, and the loop reaches them through a few marked calls. 9. is the command line (--help).
 
 Shape letters used in comments: B prompts per step, G completions per prompt (num_generations),
 N = B * G sequences, P prompt tokens (left-padded), T completion tokens, V vocabulary size.
 """
+
+from __future__ import annotations
 
 import argparse
 import copy
@@ -65,25 +39,13 @@ import signal
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
-
-def _stopped_while_importing(signum, frame):
-    """Ctrl-C in the seconds while torch and transformers load: one line and the advice, not a traceback."""
-    print("stopped by SIGINT while loading; run the same command again", file=sys.stderr)
-    sys.exit(128 + signum)
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _stopped_while_importing)
-
-import torch  # noqa: E402 (the imports below are the slow ones)
-import torch.nn as nn  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList  # noqa: E402
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: main() installs its own handler
+import torch
+import torch.nn as nn
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 # ================================================================================================
 # 1. Prompts and answer extraction
@@ -130,6 +92,7 @@ def extract_answer_from_dataset(text: str) -> str | None:
 
 def numbers_in(text: str) -> list[float]:
     """Every number in text, in order, after dropping '$', '%' and thousands commas ("1,080" -> 1080).
+    Copy with: import re.
 
     >>> numbers_in("$1,080.50 for 3 items")
     [1080.5, 3.0]
@@ -140,7 +103,7 @@ def numbers_in(text: str) -> list[float]:
 
 
 def extract_single_number(text: str) -> float | None:
-    """The number in text when it holds exactly one, else None. Copy with: numbers_in.
+    """The number in text when it holds exactly one, else None. Copy with: import re; numbers_in.
 
     >>> extract_single_number("$1,080.50"), extract_single_number("3 or 4")
     (1080.5, None)
@@ -150,7 +113,7 @@ def extract_single_number(text: str) -> float | None:
 
 
 def extract_last_number(text: str) -> float | None:
-    """The last number in text, or None; used for lenient accuracy ("the answer is 72."). Copy with: numbers_in."""
+    """The last number in text, or None: lenient accuracy ("the answer is 72."). Copy with: import re; numbers_in."""
     numbers = numbers_in(text)
     return numbers[-1] if numbers else None
 
@@ -167,7 +130,7 @@ FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 def correctness_reward(completions: list[str], answers: list[str]) -> list[float]:
     """2.0 if the <answer> content equals the reference answer as a string, 1.5 if it holds the same
     single number ("$1,080" for "1080"), else 0.0 (also for a missing or unclosed <answer>).
-    Copy with: extract_answer_from_model_output, extract_single_number, numbers_in.
+    Copy with: import re; extract_answer_from_model_output, extract_single_number, numbers_in.
     """
     rewards = []
     for completion, answer in zip(completions, answers, strict=True):
@@ -192,7 +155,7 @@ def format_reward(completions: list[str]) -> list[float]:
 
 def combined_reward(completions: list[str], answers: list[str]) -> list[float]:
     """correctness (0 to 2.0) + format (0 to 0.8): the scalar reward r_i of each completion, 0 to 2.8.
-    Copy with: correctness_reward, format_reward, FORMAT_TAGS, extract_answer_from_model_output,
+    Copy with: import re; correctness_reward, format_reward, FORMAT_TAGS, extract_answer_from_model_output,
     extract_single_number, numbers_in.
     """
     return [c + f for c, f in zip(correctness_reward(completions, answers), format_reward(completions))]
@@ -219,6 +182,7 @@ def compute_group_advantages(rewards: torch.Tensor, num_generations: int, scale_
         "batch"  std of all N rewards + 1e-4: one scale, so a group whose rewards barely differ gets small A
         "none"   no division, A_i = r_i - mean_group(r) (Dr. GRPO, arXiv 2503.20783: dividing by the
                  group std up-weights questions that are nearly always or nearly never solved)
+    Copy with: import torch.
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)  # (N,)
     if num_generations < 2 or rewards.numel() % num_generations:
@@ -255,7 +219,7 @@ def selective_log_softmax(logits: torch.Tensor, token_ids: torch.Tensor, tempera
     It equals torch.log_softmax(logits.float() / T, -1).gather(-1, token_ids[..., None])[..., 0] but
     never holds the (N, T, V) log-probabilities of every token. T is applied in float32: dividing bf16
     logits by T first would round logit / T (up to 0.013 in a log-prob at T = 0.7). Plain autograd.
-    logits: (N, T, V), token_ids: (N, T) -> (N, T) float32.
+    logits: (N, T, V), token_ids: (N, T) -> (N, T) float32. Copy with: import torch.
     """
     token_logits = logits.gather(dim=-1, index=token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
     log_normalizers = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])  # (N, T)
@@ -270,8 +234,8 @@ def compute_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention
     Returns (N, T) float32. The logits are divided by the sampling temperature: the completions were
     sampled from softmax(logits / temperature), and the ratio and KL must score that distribution.
     log_softmax(logits, token_ids, temperature) is selective_log_softmax; the training loop's LogProbModule
-    (section B) passes InPlaceSelectiveLogSoftmax.apply (A): the same values, no (N, T, V) extras in backward.
-    Copy with: selective_log_softmax.
+    (engineering B) passes InPlaceSelectiveLogSoftmax.apply (engineering A): the same values, no (N, T, V)
+    extras in backward. Copy with: import torch; selective_log_softmax.
     """
     # Positions count real tokens only, as generate() numbered them: left padding must not shift them.
     position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (N, P + T)
@@ -290,7 +254,7 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
     The first EOS is included: choosing to stop is an action the policy must get credit for. Tokens
     after it are padding. Masking by comparing to the pad id would be wrong, because Qwen2.5's pad
     token <|endoftext|> is also one of its end-of-turn tokens. A completion with no EOS (cut at the
-    length limit) keeps all its tokens. completion_ids: (N, T) -> (N, T) int64.
+    length limit) keeps all its tokens. completion_ids: (N, T) -> (N, T) int64. Copy with: import torch.
     """
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).long()  # (N, T)
     eos_before = is_eos.cumsum(dim=1) - is_eos  # (N, T): how many EOS tokens come before each token
@@ -298,13 +262,426 @@ def create_completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int
 
 
 def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """True for each completion without an end-of-sequence token, cut at the length limit: (N, T) -> (N,) bool."""
+    """True for each completion without an end-of-sequence token, cut at the length limit: (N, T) -> (N,) bool.
+    Copy with: import torch."""
     return ~torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).any(dim=1)  # (N,)
 
 
 # ================================================================================================
+# 5. The GRPO loss
+# ================================================================================================
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over sequences of the mean over each sequence's unmasked tokens: (N, T), (N, T) -> scalar.
+    Every completion weighs the same whatever its length (the paper's 1/G sum_i 1/|o_i| sum_t). Copy with: import torch.
+    """
+    return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+
+
+def reduce_per_token(values: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                     max_completion_length: int | None = None) -> torch.Tensor:
+    """One number from per-token values (N, T) under mask (N, T), the way loss_type averages them:
+        "grpo"     mean_i [ sum_t mask_it v_it / sum_t mask_it ]   each completion weighs the same, so
+                   a token of a long completion counts less (DeepSeekMath)
+        "dapo"     sum_it mask_it v_it / sum_it mask_it            every token weighs the same (DAPO,
+                   arXiv 2503.14476); TRL's default
+        "dr_grpo"  sum_it mask_it v_it / (N * max_completion_length)   a constant divisor: no length
+                   bias at all (Dr. GRPO, arXiv 2503.20783)
+    Copy with: import torch; masked_sequence_mean.
+    """
+    if loss_type == "grpo":
+        return masked_sequence_mean(values, mask)
+    if loss_type == "dapo":
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it")
+        return (values * mask).sum() / (mask.size(0) * max_completion_length)
+    raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+
+
+def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
+              advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float, epsilon: float,
+              epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
+
+    Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
+        rho     = exp(p - p_old)
+        surr    = min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i)
+        KL      = exp(q - p) - (q - p) - 1            (k3: >= 0, expectation KL(pi_theta || pi_ref))
+        obj_t   = surr - beta * KL
+    loss = - mean_i [ sum_t mask_it * obj_t / sum_t mask_it ]
+
+    With the defaults that is DeepSeekMath's GRPO. The later variants, one argument each:
+        epsilon_high               DAPO's clip-higher: rho is clipped to [1 - epsilon, 1 + epsilon_high]
+                                   (None: epsilon), so unlikely tokens with A > 0 can grow further
+        importance_sampling_level  "sequence" (GSPO, arXiv 2507.18071): every token of completion i uses
+                                   s_i = exp( sum_t mask_it (p - p_old) / sum_t mask_it ), one ratio for
+                                   the whole sequence, in both terms of the min; the KL stays per token
+        loss_type                  how obj_t is averaged: "grpo" as above, "dapo" over all tokens,
+                                   "dr_grpo" over N * max_completion_length (see reduce_per_token)
+
+    log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
+    beta == 0); advantages: (N, 1); completion_mask: (N, T). Returns the scalar loss and detached
+    metrics, means over sequences of per-sequence token means: kl; clip_ratio_low / _high, the share
+    of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which
+    get no gradient from the surrogate; clip_ratio, their sum.
+    Copy with: import torch; reduce_per_token, masked_sequence_mean.
+    """
+    assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
+    assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
+    assert beta == 0.0 or ref_log_probs is not None, "beta > 0 needs the reference log-probs"
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(log_probs.dtype)  # (N, T)
+
+    log_ratio = log_probs - old_log_probs  # (N, T)
+    if importance_sampling_level == "sequence":  # GSPO: the mean log-ratio of each completion
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
+    unclipped = ratio * advantages  # (N, T) or (N, 1)
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
+    surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
+    log_ratio_ref = ref_log_probs - log_probs if beta != 0.0 else torch.zeros_like(log_probs)  # (N, T): q - p
+    kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0  # (N, T), 0 without a reference model
+    objective = surrogate - beta * kl  # (N, T)
+    loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
+    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0)).expand_as(mask).to(mask.dtype)  # (N, T)
+    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).expand_as(mask).to(mask.dtype)  # (N, T)
+    per_token = {"kl": kl.detach(), "clip_ratio_low": clipped_low, "clip_ratio_high": clipped_high}  # (N, T) each
+    metrics = {name: masked_sequence_mean(values, mask) for name, values in per_token.items()}
+    metrics["clip_ratio"] = metrics["clip_ratio_low"] + metrics["clip_ratio_high"]
+    return loss, metrics
+
+
+# ================================================================================================
+# 6. Rollouts: sampling G completions per prompt
+# ================================================================================================
+# The ratio and the KL score each completion under softmax(logits / temperature), so the completions must
+# be sampled from exactly that distribution: generate()'s sampling with the temperature, and with every
+# filter the checkpoint ships switched off (Qwen2.5-Instruct's generation_config sets top_k 20, top_p 0.8
+# and a repetition penalty, which would sample from a distribution the log-probs do not score).
+
+
+def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                     temperature: float | None, eos_token_ids: list[int], pad_token_id: int) -> torch.Tensor:
+    """model.generate() with the KV cache: prompts (n, P) -> prompts + completions (n, P + t), t <= max_new_tokens.
+
+    temperature T: each new token is drawn from exactly softmax(logits / T). Had the checkpoint's top_k /
+    top_p / repetition penalty applied, a token outside the top 20 could never be sampled while the
+    log-probs still give it mass, and pi_old in the ratio would not be the distribution that sampled.
+    None: greedy decoding (evaluation). The training loop swaps in Parallel.generate (engineering B):
+    the same distribution, drawn from pre-drawn random numbers so that torchrun's processes agree.
+    Copy with: import torch.
+    """
+    # use_cache: the KV cache, each new token attends to stored keys/values (O(T), not O(T^2) per token).
+    common = dict(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                  repetition_penalty=1.0, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)
+    if temperature is None:
+        return model.generate(**common, do_sample=False)  # (n, P + t): greedy
+    return model.generate(**common, do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # (n, P + t)
+
+
+def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and all of the model's
+    generation_config eos ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>). Copy with: import torch."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_completions(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
+                         temperature: float | None, eos_token_ids: list[int], generate=sample_sequences):
+    """Sample num_generations completions for each prompt in one batched generate call.
+
+    Each prompt is repeated G times back to back, so the G completions of a prompt are consecutive, as
+    compute_group_advantages expects. Prompts are left-padded so that every completion starts at the
+    same column P. generate(model, prompt_ids, prompt_mask, **settings) is sample_sequences; the training
+    loop passes Parallel.generate (engineering B): the same distribution, the work spread out.
+    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), T the longest's length.
+    Copy with: import torch; sample_sequences, create_completion_mask.
+    """
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
+    with torch.no_grad():
+        sequences = generate(model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,  # (N, P + t)
+                             temperature=temperature, eos_token_ids=eos_token_ids, pad_token_id=tokenizer.pad_token_id)
+    completion_ids = sequences[:, prompt_ids.size(1):]  # (N, t)
+    completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, t)
+    longest = max(int(completion_mask.sum(dim=1).max()), 1)
+    return prompt_ids, prompt_mask, completion_ids[:, :longest], completion_mask[:, :longest]
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """The text of each completion, up to its first EOS, without special tokens. Copy with: import torch."""
+    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# ================================================================================================
+# 7. Evaluation: greedy answers to held-out questions
+# ================================================================================================
+
+
+def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: int, batch_size: int,
+                   label: str = "eval", generate=sample_sequences) -> dict:
+    """Greedy-decoding accuracy on held-out examples, in batches of batch_size prompts.
+
+    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training
+    rewards; lenient_accuracy: the last number anywhere in the completion equals the answer, which
+    credits a right answer given without the tags. generate: as in generate_completions.
+    Copy with: import re, time, torch; build_prompt, SYSTEM_PROMPT, end_of_sequence_ids, sample_sequences,
+    generate_completions, create_completion_mask, decode_completions, correctness_reward, extract_last_number,
+    extract_answer_from_model_output, extract_single_number, numbers_in.
+    """
+    was_training = model.training
+    model.eval()
+    eos_ids = end_of_sequence_ids(model, tokenizer)
+    strict = lenient = 0
+    start_time = time.perf_counter()
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
+        answers = [ex["answer"] for ex in batch]
+        _, _, completion_ids, completion_mask = generate_completions(
+            model, tokenizer, prompts, 1, max_new_tokens, None, eos_ids, generate)
+        texts = decode_completions(tokenizer, completion_ids, completion_mask)
+        strict += sum(r > 0 for r in correctness_reward(texts, answers))
+        for text, answer in zip(texts, answers):
+            predicted, expected = extract_last_number(text), extract_single_number(answer)
+            lenient += predicted is not None and predicted == expected
+        done = start + len(batch)
+        print(f"\r{label}: {done}/{len(examples)}  strict {strict / done:.1%}  lenient {lenient / done:.1%}",
+              end="" if done < len(examples) else "\n", flush=True)
+    model.train(was_training)
+    n = max(len(examples), 1)
+    return {"strict_accuracy": strict / n, "lenient_accuracy": lenient / n,
+            "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
+
+
+# ================================================================================================
+# 8. The training loop
+# ================================================================================================
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
+    """The example indices of step `step` (0-based): consecutive slices of a fresh random permutation per
+    pass over the data; a pure function of its arguments, so a run is reproducible and resumable.
+    Copy with: import torch."""
+    indices, permutations = [], {}
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_examples)
+        if epoch not in permutations:  # a batch spans at most two passes
+            permutations[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+        indices.append(int(permutations[epoch][offset]))
+    return indices
+
+
+def make_reference_model(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A frozen copy of the policy: eval mode, no gradients, its weights optionally cast (bf16 on GPU
+    halves it). Only the weights: model.to(bfloat16) would also round Qwen2's rotary inv_freq, and the
+    reference would see other positions than the policy (off by up to 0.69 rad at position 599).
+    Copy with: import copy, torch."""
+    reference = copy.deepcopy(policy)
+    if dtype is not None:
+        for param in reference.parameters():
+            param.data = param.data.to(dtype)
+    return reference.eval().requires_grad_(False)
+
+
+def make_optimizer(policy: torch.nn.Module, learning_rate: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the policy's weights. On GPU its fused kernel: the default (foreach) one allocates a
+    temporary as large as the weights at every step (+5.75 GiB for the 1.5B model). Copy with: import torch."""
+    return torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay,
+                             fused=True if device.type == "cuda" else None)
+
+
+def micro_batches(num_sequences: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` sequences covering range(num_sequences): the rows of (N, ...) tensors."""
+    return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
+
+
+def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              completion_mask: torch.Tensor, advantages: torch.Tensor,
+                              old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
+                              micro_batch_size: int, beta: float, epsilon: float, batch_tokens: float | None = None,
+                              no_sync=None, **variant) -> tuple[torch.Tensor, dict]:
+    """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
+
+    The loss is an average over the batch, so each micro-batch's loss is weighted by its share of that
+    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo"), its
+    completion tokens / the batch's when it averages over tokens ("dapo"). The gradients accumulated in
+    .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
+    old_log_probs None: the policy has not moved since the rollout (the first of the mu updates), so
+    this pass's own detached log-probs are pi_old's (rho = 1), with no extra forward pass.
+
+    log_prob_fn(input_ids, attention_mask, T) -> (n, T), with gradient: e.g.
+    functools.partial(compute_log_probs, policy, temperature=T); input_ids, attention_mask: (N, P + T);
+    completion_mask (the tokens that get a loss), old and ref log-probs: (N, T); advantages: (N, 1);
+    variant: grpo_loss's keywords. batch_tokens: what "dapo" divides by (default completion_mask.sum()).
+    no_sync: DistributedDataParallel's, to average the gradients once per update, with the last one.
+    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached).
+    Copy with: from contextlib import nullcontext; import torch; grpo_loss, reduce_per_token, masked_sequence_mean,
+    micro_batches.
+    """
+    num_sequences, num_completion_tokens = completion_mask.shape  # N, T
+    if batch_tokens is None:
+        batch_tokens = completion_mask.sum().item()
+    log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
+    for c in micro_batches(num_sequences, micro_batch_size):
+        average_now = no_sync is None or c.stop == num_sequences  # DDP: once per update, with the last
+        with nullcontext() if average_now else no_sync():
+            log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
+            log_probs_seen[c] = log_probs.detach()
+            old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
+            loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
+                                      advantages[c], completion_mask[c], beta, epsilon, **variant)
+            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo": of the tokens
+            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if variant.get("loss_type") == "dapo" else share
+            (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
+        totals["loss"] += loss.detach() * weight
+        for name, value in metrics.items():
+            totals[name] += value * share
+    return log_probs_seen, totals
+
+
+def step_metrics(texts: list[str], answers: list[str], rewards: torch.Tensor, truncated: torch.Tensor,
+                 completion_mask: torch.Tensor, attention_mask: torch.Tensor, num_generations: int,
+                 updates: list[dict], seconds: dict) -> dict:
+    """The numbers that tell whether RL is working, for one step (the README's table explains each).
+    texts, answers: the N completions and their reference answers; rewards: (N,); truncated: (N,) bool;
+    completion_mask (N, T) and attention_mask (N, P + T) count tokens; updates: one dict per policy
+    update (a skipped one's loss is NaN, and so is the mean); seconds: rollout, update and step time.
+    Copy with: import re, torch; correctness_reward, format_reward, FORMAT_TAGS, extract_answer_from_model_output,
+    extract_single_number, numbers_in."""
+    grouped = rewards.view(-1, num_generations)  # (B, G)
+    tokens = completion_mask.sum().item()
+    means = {name: sum(float(u[name]) for u in updates) / len(updates) for name in updates[0] if name != "skipped"}
+    return {
+        "reward": rewards.mean().item(),
+        "correctness_reward": torch.tensor(correctness_reward(texts, answers)).mean().item(),
+        "format_reward": torch.tensor(format_reward(texts)).mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
+        **means,
+        "skipped_updates": sum(u["skipped"] for u in updates),
+        "completion_length": tokens / len(texts),
+        "truncated_ratio": truncated.float().mean().item(),
+        **{f"{name}_seconds": seconds[name] for name in ("step", "rollout", "update")},
+        "tokens_per_second": tokens / seconds["step"],  # completion tokens
+        "generation_tokens_per_second": tokens / seconds["rollout"],
+        "train_tokens_per_second": len(updates) * attention_mask.sum().item() / seconds["update"],  # all, x mu
+    }
+
+
+def train_with_grpo(
+    policy: nn.Module, tokenizer, examples: list[dict], *,
+    num_iterations: int = 1, num_steps: int = 500, batch_size: int = 7, num_generations: int = 4, mu: int = 3,
+    max_completion_length: int = 400, temperature: float = 1.0, beta: float = 0.04, epsilon: float = 0.2,
+    learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
+    micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
+    scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
+    importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
+    parallel: Parallel | None = None, run: RunControl | None = None,
+) -> list[dict]:
+    """Train `policy` in place with GRPO; returns one metrics dict per step.
+
+    num_iterations outer iterations, each starting with a fresh reference model copied from the policy;
+    num_steps steps of batch_size prompts x num_generations completions; mu AdamW updates per step, pi_old
+    being the policy that sampled the step's completions; micro_batch_size sequences per forward/backward
+    pass; bf16: autocast and a bf16 reference model, on GPU only. The variants: compute_group_advantages
+    and grpo_loss, and mask_truncated_completions (DAPO: no loss for a completion cut at the limit).
+    parallel (engineering B) spreads the work out; run (engineering C) logs, saves, resumes and stops. Each
+    marked call in the loop says the lesson's one-process call it stands for.
+    """
+    device = next(policy.parameters()).device
+    amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    parallel = parallel or Parallel(device=device, autocast_dtype=amp_dtype)  # engineering B: one process
+    run = run or RunControl()  # engineering C: print only, no files
+    eos_ids = end_of_sequence_ids(policy, tokenizer)
+    optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
+    variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                   max_completion_length=max_completion_length)  # grpo_loss's variant arguments
+    total_steps, history = num_iterations * num_steps, []
+    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # C: = 0, None (new run)
+
+    for step in range(first_step, total_steps):  # step: 0-based global step
+        started = time.perf_counter()
+        # 1) Take B prompts. An iteration starts with a new reference model pi_ref: a frozen copy of the
+        #    policy as it is now, which the KL term keeps the policy close to (none is needed when beta = 0).
+        if beta != 0.0 and step % num_steps == 0:
+            reference = make_reference_model(policy, amp_dtype)
+        batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
+        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
+        answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
+
+        # 2) Roll out G completions per prompt with the current policy, which is therefore pi_old for
+        #    this step. eval() turns off dropout and gradient checkpointing while generating.
+        policy.eval()
+        prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(  # (N, P) x 2, (N, T) x 2
+            policy, tokenizer, prompts, num_generations, max_completion_length, temperature, eos_ids,
+            generate=parallel.generate)  # B: = generate=sample_sequences, spread over GPUs and processes
+        texts = decode_completions(tokenizer, completion_ids, completion_mask)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T): what the log-prob passes read
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
+        rollout_seconds = time.perf_counter() - started
+
+        # 3) Score: each completion's reward r_i, then its advantage A_i relative to its own group.
+        rewards = torch.tensor(combined_reward(texts, answers))  # (N,): r_i, correctness + format
+        advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
+        truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
+        # loss_mask (N, T): the tokens that get a loss (DAPO's overlong filtering: none for an unfinished one)
+        loss_mask = completion_mask * ~truncated.unsqueeze(1) if mask_truncated_completions else completion_mask
+
+        # 4) The reference model's log-probs of the same tokens, once per step: the KL anchor.
+        # B: = compute_log_probs(reference, input_ids, attention_mask, T, temperature) in torch.no_grad()
+        ref_log_probs = None if reference is None else parallel.log_probs(
+            reference, input_ids, attention_mask, completion_ids.size(1), temperature, micro_batch_size)  # (N, T)
+
+        # 5) mu policy updates on this one batch of rollouts. pi_old stays the policy that sampled them:
+        #    the first update computes its log-probs anyway (the policy has not moved yet), so those,
+        #    detached, are recorded as old_log_probs for the updates after it: no extra forward pass.
+        update_start = time.perf_counter()
+        policy.train()
+        old_log_probs, updates = None, []  # None: the first update uses its own log-probs
+        for update in range(mu):
+            # B: = accumulate_grpo_gradients(partial(compute_log_probs, policy, temperature=temperature), ...)
+            log_probs, totals = parallel.grpo_gradients(
+                policy, input_ids, attention_mask, loss_mask, advantages, old_log_probs, ref_log_probs,
+                micro_batch_size, beta, epsilon, temperature, **variant)  # log_probs: (N, T), detached
+            if update == 0:
+                old_log_probs = log_probs  # log pi_old, recorded by the first update
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+            # A NaN or inf would poison the weights and AdamW's moments for good: skip that update.
+            skipped = not (torch.isfinite(grad_norm).item() and math.isfinite(totals["loss"]))
+            if not skipped:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # keeps the gradients' memory (under DDP: its buckets)
+            updates.append({**totals, "grad_norm": grad_norm.item(), "skipped": skipped})
+
+        # 6) Log the step, save a checkpoint when one is due, and stop here if a signal or faults ask for it.
+        now = time.perf_counter()
+        seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - started}
+        history.append({"step": step + 1, "iteration": step // num_steps + 1, **step_metrics(
+            texts, answers, rewards, truncated, completion_mask, attention_mask, num_generations, updates, seconds)})
+        run.end_step(history[-1], (batch[0]["question"], texts[0], answers[0], rewards[0].item()),
+                     policy, tokenizer, optimizer, reference)  # C: = print(step_line(...)), metrics.jsonl, checkpoint
+
+    print_run_summary(history, device)  # C: first and last step, and where the time went
+    return history
+
+
+# ================================================================================================
 # Engineering A: the in-place log-softmax backward, which saves most of an update's memory
-# (skip on first reading; the tutorial continues at section 5)
+# (engineering after the lesson; read it when you need it)
 # ================================================================================================
 # With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of an update (4 sequences x 400 tokens
 # x 151,936 x 4 bytes = 0.97 GB), and plain autograd keeps or builds several of that size for the backward pass.
@@ -346,105 +723,19 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
 
 
 # ================================================================================================
-# 5. The GRPO loss
+# Engineering B: exact sampling, DataParallel and torchrun (several GPUs, processes and machines)
+# (engineering after the lesson; read it when you need it)
 # ================================================================================================
-
-
-def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean over sequences of the mean over each sequence's unmasked tokens: (N, T), (N, T) -> scalar.
-    Every completion weighs the same whatever its length (the paper's 1/G sum_i 1/|o_i| sum_t)."""
-    return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
-
-
-def reduce_per_token(values: torch.Tensor, mask: torch.Tensor, loss_type: str,
-                     max_completion_length: int | None = None) -> torch.Tensor:
-    """One number from per-token values (N, T) under mask (N, T), the way loss_type averages them:
-        "grpo"     mean_i [ sum_t mask_it v_it / sum_t mask_it ]   each completion weighs the same, so
-                   a token of a long completion counts less (DeepSeekMath)
-        "dapo"     sum_it mask_it v_it / sum_it mask_it            every token weighs the same (DAPO,
-                   arXiv 2503.14476); TRL's default
-        "dr_grpo"  sum_it mask_it v_it / (N * max_completion_length)   a constant divisor: no length
-                   bias at all (Dr. GRPO, arXiv 2503.20783)
-    Copy with: masked_sequence_mean.
-    """
-    if loss_type == "grpo":
-        return masked_sequence_mean(values, mask)
-    if loss_type == "dapo":
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it")
-        return (values * mask).sum() / (mask.size(0) * max_completion_length)
-    raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
-
-
-def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
-              advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float, epsilon: float,
-              epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
-              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
-    """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
-
-    Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
-        rho     = exp(p - p_old)
-        surr    = min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i)
-        KL      = exp(q - p) - (q - p) - 1            (k3: >= 0, expectation KL(pi_theta || pi_ref))
-        obj_t   = surr - beta * KL
-    loss = - mean_i [ sum_t mask_it * obj_t / sum_t mask_it ]
-
-    With the defaults that is DeepSeekMath's GRPO. The later variants, one argument each:
-        epsilon_high               DAPO's clip-higher: rho is clipped to [1 - epsilon, 1 + epsilon_high]
-                                   (None: epsilon), so unlikely tokens with A > 0 can grow further
-        importance_sampling_level  "sequence" (GSPO, arXiv 2507.18071): every token of completion i uses
-                                   s_i = exp( sum_t mask_it (p - p_old) / sum_t mask_it ), one ratio for
-                                   the whole sequence, in both terms of the min; the KL stays per token
-        loss_type                  how obj_t is averaged: "grpo" as above, "dapo" over all tokens,
-                                   "dr_grpo" over N * max_completion_length (see reduce_per_token)
-
-    log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
-    beta == 0); advantages: (N, 1); completion_mask: (N, T). Returns the scalar loss and detached
-    metrics, means over sequences of per-sequence token means: kl; clip_ratio_low / _high, the share
-    of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which
-    get no gradient from the surrogate; clip_ratio, their sum.
-    Copy with: reduce_per_token, masked_sequence_mean.
-    """
-    assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
-    assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
-    assert beta == 0.0 or ref_log_probs is not None, "beta > 0 needs the reference log-probs"
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    mask = completion_mask.to(log_probs.dtype)  # (N, T)
-
-    log_ratio = log_probs - old_log_probs  # (N, T)
-    if importance_sampling_level == "sequence":  # GSPO: the mean log-ratio of each completion
-        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
-    elif importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
-    unclipped = ratio * advantages  # (N, T) or (N, 1)
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
-    surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
-    log_ratio_ref = ref_log_probs - log_probs if beta != 0.0 else torch.zeros_like(log_probs)  # (N, T): q - p
-    kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0  # (N, T), 0 without a reference model
-    objective = surrogate - beta * kl  # (N, T)
-    loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
-    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0)).expand_as(mask).to(mask.dtype)  # (N, T)
-    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).expand_as(mask).to(mask.dtype)  # (N, T)
-    per_token = {"kl": kl.detach(), "clip_ratio_low": clipped_low, "clip_ratio_high": clipped_high}  # (N, T) each
-    metrics = {name: masked_sequence_mean(values, mask) for name, values in per_token.items()}
-    metrics["clip_ratio"] = metrics["clip_ratio_low"] + metrics["clip_ratio_high"]
-    return loss, metrics
-
-
-# ================================================================================================
-# 6. Rollouts: sampling G completions per prompt
-# ================================================================================================
-# The ratio and the KL score each completion under softmax(logits / temperature), so the completions
-# must come from exactly that distribution. generate()'s own sampling applies the checkpoint's settings
-# (Qwen2.5-Instruct ships top_k 20, top_p 0.8, a repetition penalty); so it runs in greedy mode, and a
-# sampler of our own picks each token.
+# The loop calls three methods of a Parallel object: generate, log_probs and grpo_gradients, each the lesson's
+# function with the work spread out. `python grpo.py`: nn.DataParallel, a replica in a thread on each visible GPU
+# (without GPUs it calls the module: the tests run this path). `torchrun ... grpo.py`: one process per GPU or CPU
+# worker, each on its block of the step's rows. Rollouts are drawn from random numbers fixed before they are split,
+# so that no split changes a completion, and by inverse CDF, 4x faster than multinomial over 151,936 logits.
 
 
 class InverseCDFSampler(LogitsProcessor):
-    """Draws each next token from softmax(scores / temperature), inside generate().
+    """Draws each next token from softmax(scores / temperature), inside generate(): sample_sequences' draw,
+    from random numbers given up front.
 
     Inverse-CDF sampling: with w = exp((s - max s) / temperature) and its running sum c (c_V = sum w),
     take u ~ Uniform[0, 1) and the first token k with c_k > u * c_V; then P(k) = w_k / c_V exactly.
@@ -464,110 +755,17 @@ class InverseCDFSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)  # (n, V)
 
 
-def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None, *,
-                     max_new_tokens: int, temperature: float | None, eos_token_ids: list[int],
-                     pad_token_id: int) -> torch.Tensor:
-    """model.generate() with the KV cache: prompts (n, P) -> prompts + completions (n, P + t), t <= max_new_tokens.
-
-    With a temperature, InverseCDFSampler draws each new token from softmax(logits / temperature) with
-    uniforms (n, max_new_tokens); None: greedy decoding (evaluation).
-    Copy with: InverseCDFSampler.
-    """
+def sample_exactly(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None, *,
+                   max_new_tokens: int, temperature: float | None, eos_token_ids: list[int],
+                   pad_token_id: int) -> torch.Tensor:
+    """sample_sequences (section 6), the tokens drawn by InverseCDFSampler from uniforms (n, max_new_tokens):
+    the same distribution, softmax(logits / temperature); None: greedy. -> (n, P + t)"""
     samplers = [] if temperature is None else [InverseCDFSampler(temperature, uniforms, prompt_ids.size(1))]
     # Greedy mode applies none of the checkpoint's sampling filters, and its repetition penalty is switched
     # off (Qwen2.5 sets none of generate's other processors, e.g. suppress_tokens, no_repeat_ngram_size).
-    # use_cache: the KV cache, each new token attends to stored keys/values (O(T), not O(T^2) per token).
     return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
                           do_sample=False, repetition_penalty=1.0, logits_processor=LogitsProcessorList(samplers),
                           eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)  # (n, P + t)
-
-
-def end_of_sequence_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """Every token id that ends a completion: the tokenizer's EOS and all of the model's
-    generation_config eos ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
-def generate_completions(model, tokenizer, prompts: list[str], num_generations: int, max_new_tokens: int,
-                         temperature: float | None, eos_token_ids: list[int], generate=sample_sequences):
-    """Sample num_generations completions for each prompt in one batched generate call.
-
-    Each prompt is repeated G times back to back, so the G completions of a prompt are consecutive, as
-    compute_group_advantages expects. Prompts are left-padded so that every completion starts at the
-    same column P. generate(model, prompt_ids, prompt_mask, uniforms, **settings) is sample_sequences;
-    the training loop passes Parallel.generate (section B): the same sequences, the work spread out.
-    Returns prompt_ids, prompt_mask (N, P) and completion_ids, completion_mask (N, T), T the longest's length.
-    Copy with: sample_sequences, InverseCDFSampler, create_completion_mask.
-    """
-    device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
-    prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0).to(device)  # (N, P)
-    # all the rollout's randomness, drawn here from the seeded CPU generator, whatever the device: (N, max_new_tokens)
-    uniforms = None if temperature is None else torch.rand(prompt_ids.size(0), max_new_tokens).to(device)
-    with torch.no_grad():
-        sequences = generate(model, prompt_ids, prompt_mask, uniforms, max_new_tokens=max_new_tokens,  # (N, P + t)
-                             temperature=temperature, eos_token_ids=eos_token_ids, pad_token_id=tokenizer.pad_token_id)
-    completion_ids = sequences[:, prompt_ids.size(1):]  # (N, t)
-    completion_mask = create_completion_mask(completion_ids, eos_token_ids)  # (N, t)
-    longest = max(int(completion_mask.sum(dim=1).max()), 1)
-    return prompt_ids, prompt_mask, completion_ids[:, :longest], completion_mask[:, :longest]
-
-
-def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    """The text of each completion, up to its first EOS, without special tokens."""
-    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-
-# ================================================================================================
-# 7. Evaluation: greedy answers to held-out questions
-# ================================================================================================
-
-
-def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: int, batch_size: int,
-                   label: str = "eval", generate=sample_sequences) -> dict:
-    """Greedy-decoding accuracy on held-out examples, in batches of batch_size prompts.
-
-    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training
-    rewards; lenient_accuracy: the last number anywhere in the completion equals the answer, which
-    credits a right answer given without the tags. generate: as in generate_completions.
-    """
-    was_training = model.training
-    model.eval()
-    eos_ids = end_of_sequence_ids(model, tokenizer)
-    strict = lenient = 0
-    start_time = time.perf_counter()
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
-        answers = [ex["answer"] for ex in batch]
-        _, _, completion_ids, completion_mask = generate_completions(
-            model, tokenizer, prompts, 1, max_new_tokens, None, eos_ids, generate)
-        texts = decode_completions(tokenizer, completion_ids, completion_mask)
-        strict += sum(r > 0 for r in correctness_reward(texts, answers))
-        for text, answer in zip(texts, answers):
-            predicted, expected = extract_last_number(text), extract_single_number(answer)
-            lenient += predicted is not None and predicted == expected
-        done = start + len(batch)
-        print(f"\r{label}: {done}/{len(examples)}  strict {strict / done:.1%}  lenient {lenient / done:.1%}",
-              end="" if done < len(examples) else "\n", flush=True)
-    model.train(was_training)
-    n = max(len(examples), 1)
-    return {"strict_accuracy": strict / n, "lenient_accuracy": lenient / n,
-            "num_examples": len(examples), "seconds": round(time.perf_counter() - start_time, 2)}
-
-
-# ================================================================================================
-# Engineering B: DataParallel and torchrun (several GPUs, processes and machines)
-# (skip on first reading; the tutorial continues at section 8)
-# ================================================================================================
-# The loop calls three methods of a Parallel object: generate, log_probs and accumulate_grpo_gradients.
-# `python grpo.py`: nn.DataParallel, a replica in a thread on each visible GPU (without GPUs it calls the module: the
-# tests run this path). `torchrun ... grpo.py`: one process per GPU or CPU worker, each on its block of the step's rows.
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -578,7 +776,7 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 class GenerateModule(nn.Module):
-    """sample_sequences as a module DataParallel can split, autocast in each replica's thread: forward(prompt_ids,
+    """sample_exactly as a module DataParallel can split, autocast in each replica's thread: forward(prompt_ids,
     prompt_mask, uniforms) -> (n, P + max_new_tokens), padded to that width so the replicas' outputs concatenate."""
 
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, **settings):
@@ -591,7 +789,7 @@ class GenerateModule(nn.Module):
             if getattr(sub, "_is_replica", False) and not sub._parameters:
                 sub._parameters = dict(getattr(sub, "_former_parameters", {}))
         with torch.autocast(prompt_ids.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            sequences = sample_sequences(self.model, prompt_ids, prompt_mask, uniforms, **self.settings)  # (n, P + t)
+            sequences = sample_exactly(self.model, prompt_ids, prompt_mask, uniforms, **self.settings)  # (n, P + t)
         width = prompt_ids.size(1) + self.settings["max_new_tokens"]
         return nn.functional.pad(sequences, (0, width - sequences.size(1)), value=self.settings["pad_token_id"])
 
@@ -633,23 +831,23 @@ class Parallel:
 
     def gather(self, part: torch.Tensor) -> torch.Tensor:
         """Every process's block of rows (see rows), concatenated in rank order (through the CPU: small)."""
-        return part if self.world_size == 1 else torch.cat(self.everyone(part.cpu())).to(part.device)
+        return part if self.world_size == 1 else torch.cat(self.gather_objects(part.cpu())).to(part.device)
 
-    def everyone(self, value) -> list:
+    def gather_objects(self, value) -> list:
         """Every process's value (any picklable object), in rank order: [value] for a single process."""
         values = [value] * self.world_size
         if self.world_size > 1:
             torch.distributed.all_gather_object(values, value)
         return values
 
-    def agree(self, function, *args):
+    def fail_together(self, function, *args):
         """function(*args) (None: nothing to do on this process); a DataError on any process is raised on every
         one, so that none waits for one that has exited (Session: process 0 prints it)."""
         try:
             result, error = function(*args) if function else None, None
         except DataError as e:
             result, error = None, f"[process {self.rank}] {e}" if self.rank else str(e)
-        errors = [message for message in self.everyone(error) if message is not None]
+        errors = [message for message in self.gather_objects(error) if message is not None]
         if errors:
             raise DataError(errors[0])
         return result
@@ -659,9 +857,11 @@ class Parallel:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor | None,
-                 **settings) -> torch.Tensor:
-        """sample_sequences of all N rows (N, P + max_new_tokens): this process's block, over its GPUs."""
+    def generate(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **settings) -> torch.Tensor:
+        """sample_sequences of all N rows (N, P + max_new_tokens), drawn by sample_exactly: this process's block,
+        over its GPUs. Every process draws the same uniforms from its seeded CPU generator, whatever the device."""
+        uniforms = None if settings["temperature"] is None else torch.rand(  # (N, max_new_tokens)
+            len(prompt_ids), settings["max_new_tokens"]).to(prompt_ids.device)
         rows = self.rows(len(prompt_ids))
         if rows.start == rows.stop:  # more processes than rows (a short last evaluation batch)
             part = prompt_ids.new_zeros((0, prompt_ids.size(1) + settings["max_new_tokens"]))
@@ -681,12 +881,12 @@ class Parallel:
                               for c in micro_batches(len(ids), micro_batch_size * self.gpus)])  # (n, T)
         return self.gather(part)  # (N, T)
 
-    def accumulate_grpo_gradients(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                  completion_mask: torch.Tensor, advantages: torch.Tensor,
-                                  old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
-                                  micro_batch_size: int, beta: float, epsilon: float, temperature: float,
-                                  **variant) -> tuple[torch.Tensor, dict]:
-        """accumulate_grpo_gradients on this process's rows (through DistributedDataParallel under torchrun):
+    def grpo_gradients(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       completion_mask: torch.Tensor, advantages: torch.Tensor, old_log_probs: torch.Tensor | None,
+                       ref_log_probs: torch.Tensor | None, micro_batch_size: int, beta: float, epsilon: float,
+                       temperature: float, **variant) -> tuple[torch.Tensor, dict]:
+        """accumulate_grpo_gradients(partial(compute_log_probs, policy, temperature=temperature), ...) on this
+        process's rows, with the in-place backward (engineering A) and DistributedDataParallel under torchrun:
         the log-probs of all N rows (N, T), the loss and metrics as floats averaged over the processes.
         Each process averages its loss over its rows ("dapo": over the step's tokens / world_size) and DDP
         averages the gradients, so the update is the single-process full-batch one."""
@@ -702,13 +902,13 @@ class Parallel:
             scorer, input_ids[rows], attention_mask[rows], completion_mask[rows], advantages[rows], old, ref,
             micro_batch_size * self.gpus, beta, epsilon, batch_tokens=completion_mask.sum().item() / self.world_size,
             no_sync=self.trained.no_sync if self.trained is not None else None, **variant)
-        every = self.everyone({name: float(value) for name, value in totals.items()})  # each process's metrics
+        every = self.gather_objects({name: float(value) for name, value in totals.items()})  # each process's metrics
         return self.gather(log_probs), {name: sum(v[name] for v in every) / self.world_size for name in totals}
 
 
 # ================================================================================================
 # Engineering C: logs, checkpoints, resume, signals and faults
-# (skip on first reading; the tutorial continues at section 8)
+# (engineering after the lesson; read it when you need it)
 # ================================================================================================
 # A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted job), carry on
 # exactly where it stopped, and not let one NaN destroy the weights. Checkpoints are output_dir/checkpoint-{step}.
@@ -836,9 +1036,9 @@ class StopRequest:
         self.signum, self.training, self.repeat_quits, self.saving = None, False, repeat_quits, None
         self.where = "while loading"  # what the run is doing, for the message (Session keeps it up to date)
 
-    def agreed(self, parallel: Parallel) -> int | None:
+    def received_anywhere(self, parallel: Parallel) -> int | None:
         """The signal to stop for, if any process got one: under torchrun they may arrive at different moments."""
-        return max(parallel.everyone(self.signum or 0)) or None
+        return max(parallel.gather_objects(self.signum or 0)) or None
 
     def __call__(self, signum: int, frame) -> None:
         if self.signum is not None:
@@ -919,7 +1119,7 @@ class RunControl:
             print(f"{details_line(record)}\n--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n"
                   f">>> {text}\n---", flush=True)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
-        signum = self.stop.agreed(self.parallel)
+        signum = self.stop.received_anywhere(self.parallel)
         saved = "nothing new to save"
         if self.output_dir and (signum or self.bad_steps >= self.max_bad_steps or step == self.total_steps
                                 or (self.save_steps and step % self.save_steps == 0)):
@@ -929,7 +1129,7 @@ class RunControl:
                                 {"bad_steps": self.bad_steps}, self.save_total_limit)
             self.parallel.barrier()
             saved, self.stop.saving = f"checkpoint saved in {self.stop.saving}", None
-            signum = self.stop.agreed(self.parallel)  # one may have come meanwhile
+            signum = self.stop.received_anywhere(self.parallel)  # one may have come meanwhile
         if self.bad_steps >= self.max_bad_steps:
             raise Stopped(f"{self.bad_steps} steps in a row had a non-finite loss or gradient norm (the last "
                           f"good weights are kept); lower --learning_rate or check the data; {saved}")
@@ -938,215 +1138,8 @@ class RunControl:
 
 
 # ================================================================================================
-# 8. The training loop
-# ================================================================================================
-
-
-def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
-    """The example indices of step `step` (0-based): consecutive slices of a fresh random permutation per
-    pass over the data; a pure function of its arguments, so a run is reproducible and resumable."""
-    indices, permutations = [], {}
-    for position in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(position, num_examples)
-        if epoch not in permutations:  # a batch spans at most two passes
-            permutations[epoch] = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(permutations[epoch][offset]))
-    return indices
-
-
-def make_reference_model(policy: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """A frozen copy of the policy: eval mode, no gradients, its weights optionally cast (bf16 on GPU
-    halves it). Only the weights: model.to(bfloat16) would also round Qwen2's rotary inv_freq, and the
-    reference would see other positions than the policy (off by up to 0.69 rad at position 599)."""
-    reference = copy.deepcopy(policy)
-    if dtype is not None:
-        for param in reference.parameters():
-            param.data = param.data.to(dtype)
-    return reference.eval().requires_grad_(False)
-
-
-def make_optimizer(policy: torch.nn.Module, learning_rate: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the policy's weights. On GPU its fused kernel: the default (foreach) one allocates a
-    temporary as large as the weights at every step (+5.75 GiB for the 1.5B model)."""
-    return torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=weight_decay,
-                             fused=True if device.type == "cuda" else None)
-
-
-def micro_batches(num_sequences: int, size: int) -> list[slice]:
-    """Consecutive slices of at most `size` sequences covering range(num_sequences): the rows of (N, ...) tensors."""
-    return [slice(start, min(start + size, num_sequences)) for start in range(0, num_sequences, size)]
-
-
-def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              completion_mask: torch.Tensor, advantages: torch.Tensor,
-                              old_log_probs: torch.Tensor | None, ref_log_probs: torch.Tensor | None,
-                              micro_batch_size: int, beta: float, epsilon: float, batch_tokens: float | None = None,
-                              no_sync=None, **variant) -> tuple[torch.Tensor, dict]:
-    """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
-
-    The loss is an average over the batch, so each micro-batch's loss is weighted by its share of that
-    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo"), its
-    completion tokens / the batch's when it averages over tokens ("dapo"). The gradients accumulated in
-    .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
-    old_log_probs None: the policy has not moved since the rollout (the first of the mu updates), so
-    this pass's own detached log-probs are pi_old's (rho = 1), with no extra forward pass.
-
-    log_prob_fn(input_ids, attention_mask, T) -> (n, T), with gradient: e.g.
-    functools.partial(compute_log_probs, policy, temperature=T); input_ids, attention_mask: (N, P + T);
-    completion_mask (the tokens that get a loss), old and ref log-probs: (N, T); advantages: (N, 1);
-    variant: grpo_loss's keywords. batch_tokens: what "dapo" divides by (default completion_mask.sum()).
-    no_sync: DistributedDataParallel's, to average the gradients once per update, with the last one.
-    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached).
-    Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, micro_batches.
-    """
-    num_sequences, num_completion_tokens = completion_mask.shape  # N, T
-    if batch_tokens is None:
-        batch_tokens = completion_mask.sum().item()
-    log_probs_seen = torch.empty(num_sequences, num_completion_tokens, device=completion_mask.device)  # (N, T)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
-    from contextlib import nullcontext  # imported here, so that the function can be copied as it is
-    for c in micro_batches(num_sequences, micro_batch_size):
-        average_now = no_sync is None or c.stop == num_sequences  # DDP: once per update, with the last
-        with nullcontext() if average_now else no_sync():
-            log_probs = log_prob_fn(input_ids[c], attention_mask[c], num_completion_tokens)  # (n, T)
-            log_probs_seen[c] = log_probs.detach()
-            old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
-            loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
-                                      advantages[c], completion_mask[c], beta, epsilon, **variant)
-            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo": of the tokens
-            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if variant.get("loss_type") == "dapo" else share
-            (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
-        totals["loss"] += loss.detach() * weight
-        for name, value in metrics.items():
-            totals[name] += value * share
-    return log_probs_seen, totals
-
-
-def step_metrics(texts: list[str], answers: list[str], rewards: torch.Tensor, truncated: torch.Tensor,
-                 completion_mask: torch.Tensor, attention_mask: torch.Tensor, num_generations: int,
-                 updates: list[dict], seconds: dict) -> dict:
-    """The numbers that tell whether RL is working, for one step (the README's table explains each).
-    texts, answers: the N completions and their reference answers; rewards: (N,); truncated: (N,) bool;
-    completion_mask (N, T) and attention_mask (N, P + T) count tokens; updates: one dict per policy
-    update (a skipped one's loss is NaN, and so is the mean); seconds: rollout, update and step time."""
-    grouped = rewards.view(-1, num_generations)  # (B, G)
-    tokens = completion_mask.sum().item()
-    means = {name: sum(float(u[name]) for u in updates) / len(updates) for name in updates[0] if name != "skipped"}
-    return {
-        "reward": rewards.mean().item(),
-        "correctness_reward": torch.tensor(correctness_reward(texts, answers)).mean().item(),
-        "format_reward": torch.tensor(format_reward(texts)).mean().item(),
-        "reward_std": grouped.std(dim=1).mean().item(),
-        "frac_reward_zero_std": (grouped.amax(dim=1) == grouped.amin(dim=1)).float().mean().item(),
-        **means,
-        "skipped_updates": sum(u["skipped"] for u in updates),
-        "completion_length": tokens / len(texts),
-        "truncated_ratio": truncated.float().mean().item(),
-        **{f"{name}_seconds": seconds[name] for name in ("step", "rollout", "update")},
-        "tokens_per_second": tokens / seconds["step"],  # completion tokens
-        "generation_tokens_per_second": tokens / seconds["rollout"],
-        "train_tokens_per_second": len(updates) * attention_mask.sum().item() / seconds["update"],  # all, x mu
-    }
-
-
-def train_with_grpo(
-    policy: nn.Module, tokenizer, examples: list[dict], *,
-    num_iterations: int = 1, num_steps: int = 500, batch_size: int = 7, num_generations: int = 4, mu: int = 3,
-    max_completion_length: int = 400, temperature: float = 1.0, beta: float = 0.04, epsilon: float = 0.2,
-    learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
-    micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
-    scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
-    importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
-    parallel: Parallel | None = None, run: RunControl | None = None,
-) -> list[dict]:
-    """Train `policy` in place with GRPO; returns one metrics dict per step.
-
-    num_iterations outer iterations, each starting with a fresh reference model copied from the policy;
-    num_steps steps of batch_size prompts x num_generations completions; mu AdamW updates per step, pi_old
-    being the policy that sampled the step's completions; micro_batch_size sequences per forward/backward
-    pass; bf16: autocast and a bf16 reference model, on GPU only. The variants: compute_group_advantages
-    and grpo_loss, and mask_truncated_completions (DAPO: no loss for a completion cut at the limit).
-    parallel (section B) spreads the work out; run (section C) logs, saves, resumes and stops.
-    """
-    device = next(policy.parameters()).device
-    amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
-    parallel = parallel or Parallel(device=device, autocast_dtype=amp_dtype)  # engineering B: one process
-    run = run or RunControl()  # engineering C: print only
-    eos_ids = end_of_sequence_ids(policy, tokenizer)
-    optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
-    variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                   max_completion_length=max_completion_length)  # grpo_loss's variant arguments
-    total_steps, history = num_iterations * num_steps, []
-    first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # C: (0, None) or resumed
-
-    for step in range(first_step, total_steps):  # step: 0-based global step
-        started = time.perf_counter()
-        # 1) Take B prompts. An iteration starts with a new reference model pi_ref: a frozen copy of the
-        #    policy as it is now, which the KL term keeps the policy close to (none is needed when beta = 0).
-        if beta != 0.0 and step % num_steps == 0:
-            reference = make_reference_model(policy, amp_dtype)
-        batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
-        prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
-        answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
-
-        # 2) Roll out G completions per prompt with the current policy, which is therefore pi_old for
-        #    this step. eval() turns off dropout and gradient checkpointing while generating.
-        policy.eval()
-        prompt_ids, prompt_mask, completion_ids, completion_mask = generate_completions(  # (N, P) x 2, (N, T) x 2
-            policy, tokenizer, prompts, num_generations, max_completion_length, temperature, eos_ids,
-            generate=parallel.generate)  # engineering B: sample_sequences, spread over GPUs and processes
-        texts = decode_completions(tokenizer, completion_ids, completion_mask)
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P + T): what the log-prob passes read
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (N, P + T)
-        rollout_seconds = time.perf_counter() - started
-
-        # 3) Score: each completion's reward r_i, then its advantage A_i relative to its own group.
-        rewards = torch.tensor(combined_reward(texts, answers))  # (N,): r_i, correctness + format
-        advantages = compute_group_advantages(rewards, num_generations, scale_rewards).to(device)  # (N, 1)
-        truncated = truncated_completions(completion_ids, eos_ids)  # (N,): cut off at the length limit
-        # loss_mask (N, T): the tokens that get a loss (DAPO's overlong filtering: none for an unfinished one)
-        loss_mask = completion_mask * ~truncated.unsqueeze(1) if mask_truncated_completions else completion_mask
-
-        # 4) The reference model's log-probs of the same tokens, once per step: the KL anchor.
-        ref_log_probs = None if reference is None else parallel.log_probs(  # engineering B: compute_log_probs
-            reference, input_ids, attention_mask, completion_ids.size(1), temperature, micro_batch_size)  # (N, T)
-
-        # 5) mu policy updates on this one batch of rollouts. pi_old stays the policy that sampled them:
-        #    the first update computes its log-probs anyway (the policy has not moved yet), so those,
-        #    detached, are recorded as old_log_probs for the updates after it: no extra forward pass.
-        update_start = time.perf_counter()
-        policy.train()
-        old_log_probs, updates = None, []  # None: the first update uses its own log-probs
-        for update in range(mu):
-            log_probs, totals = parallel.accumulate_grpo_gradients(  # engineering B: on this process's rows
-                policy, input_ids, attention_mask, loss_mask, advantages, old_log_probs, ref_log_probs,
-                micro_batch_size, beta, epsilon, temperature, **variant)  # log_probs: (N, T), detached
-            if update == 0:
-                old_log_probs = log_probs  # log pi_old, recorded by the first update
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-            # A NaN or inf would poison the weights and AdamW's moments for good: skip that update.
-            skipped = not (torch.isfinite(grad_norm).item() and math.isfinite(totals["loss"]))
-            if not skipped:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # keeps the gradients' memory (under DDP: its buckets)
-            updates.append({**totals, "grad_norm": grad_norm.item(), "skipped": skipped})
-
-        # 6) Log the step, save a checkpoint when one is due, and stop here if a signal or faults ask for it.
-        now = time.perf_counter()
-        seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - started}
-        history.append({"step": step + 1, "iteration": step // num_steps + 1, **step_metrics(
-            texts, answers, rewards, truncated, completion_mask, attention_mask, num_generations, updates, seconds)})
-        run.end_step(history[-1], (batch[0]["question"], texts[0], answers[0], rewards[0].item()),
-                     policy, tokenizer, optimizer, reference)  # engineering C: print, metrics.jsonl, checkpoint
-
-    print_run_summary(history, device)  # engineering C: first and last step, and where the time went
-    return history
-
-
-# ================================================================================================
 # Engineering D: loading, the output folder, one-line errors, and main's bookkeeping
-# (skip on first reading; the tutorial continues at section 9)
+# (engineering after the lesson; read it when you need it)
 # ================================================================================================
 # Each expected failure ends in one line saying what is wrong and what to do, and leaves nothing behind.
 
@@ -1354,8 +1347,8 @@ class Session:
             print("no GPU: the default run (the 1.5B model, 500 steps) needs one with about 40 GB or more; on a CPU "
                   "use a small model and few steps (README: Running it)")
         transformers.utils.logging.disable_progress_bar()  # its loading/saving bars would cut into the log
-        policy, tokenizer, train_examples, eval_examples, resume = parallel.agree(self._load)
-        parallel.agree(prepare_output_dir if parallel.rank == 0 else None, args, resume)
+        policy, tokenizer, train_examples, eval_examples, resume = parallel.fail_together(self._load)
+        parallel.fail_together(prepare_output_dir if parallel.rank == 0 else None, args, resume)
         if args.gradient_checkpointing:  # transformers applies it in train mode only: rollouts keep their speed
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, model "
@@ -1398,7 +1391,7 @@ class Session:
             print(f"saved the trained model and tokenizer to {out}")
         self.parallel.barrier()
         self.trained, self.stop.training, self.stop.saving = bool(history), False, None
-        signum = self.stop.agreed(self.parallel)
+        signum = self.stop.received_anywhere(self.parallel)
         if signum is not None:  # a signal while the final model was being saved
             raise Stopped(f"stopped by {signal.Signals(signum).name} once the final model was saved in {out}, "
                           "before the evaluation after training", signum)
@@ -1479,7 +1472,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def build_parser() -> argparse.ArgumentParser:
     """Every hyperparameter as a flag, grouped; defaults follow the seed notebook's run."""
-    examples = "examples:\n" + (__doc__ or "").split("Commands:\n")[1].split("\n\n")[0]  # the module docstring's
+    examples = """examples:
+    python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
+    CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
+    torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
+    python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
+        --max_completion_length 32 --eval_size 4                    # CPU smoke run
+    python grpo.py --loss_type dapo --epsilon_high 0.28 --mask_truncated_completions   # DAPO (README: the family)"""
     parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module "
                                      "docstring).", formatter_class=_HelpFormatter, epilog=examples)
     g = parser.add_argument_group("model and data")

@@ -255,9 +255,11 @@ def _nan_advantages_on_steps(monkeypatch, bad_steps):
 
 
 def same(a, b) -> bool:
-    """Equal results: tensors close, containers element by element, anything else ==."""
+    """Equal results: tensors close, modules and optimizers by state, containers element by element, else ==."""
     if isinstance(a, torch.Tensor):
         return torch.allclose(a.detach().float(), b.detach().float(), atol=1e-6)
+    if isinstance(a, (torch.nn.Module, torch.optim.Optimizer)):
+        return type(a) is type(b) and same(a.state_dict(), b.state_dict())
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -266,20 +268,23 @@ def same(a, b) -> bool:
 
 
 def copied(name):
-    """grpo.<name> as a reader would copy it: its source and the sources its docstring names after
-    "Copy with:", executed in a fresh namespace that holds only torch, re and math."""
+    """grpo.<name> as a reader would copy it: its source, the definitions its docstring names after "Copy with:"
+    and the import statements it names there ("Copy with: import torch; numbers_in."), executed in an empty
+    namespace: nothing else is there."""
     source = open(os.path.join(HERE, "grpo.py"), encoding="utf-8").read()
-    tree = ast.parse(source)
     definitions = {}
-    for node in tree.body:
+    for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             definitions[node.name] = node
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             definitions[node.targets[0].id] = node
-    docstring = ast.get_docstring(definitions[name]) or ""
-    listed = re.search(r"Copy with: (.+?)\.(?:\s|$)", docstring, re.S)
-    names = [n.strip() for n in listed.group(1).split(",")] if listed else []
-    namespace = {"torch": torch, "re": re, "math": math}
+    listed = re.search(r"Copy with: (.+?)\.(?:\s|$)", ast.get_docstring(definitions[name]) or "", re.S)
+    namespace, names = {}, []
+    for part in " ".join(listed.group(1).split()).split(";") if listed else []:
+        if part.strip().startswith(("import ", "from ")):
+            exec(part.strip(), namespace)
+        else:
+            names += [n.strip() for n in part.split(",")]
     for part in names + [name]:  # helpers first, as a reader would paste them above
         exec(ast.get_source_segment(source, definitions[part]), namespace)
     return namespace[name]
@@ -707,17 +712,29 @@ def test_generate_completions_groups_and_masks(tiny):
     assert torch.equal(completion_mask, grpo.create_completion_mask(completion_ids, eos))
 
 
-def test_sampler_draws_from_softmax_at_the_temperature():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("sampler", ["sample_sequences", "sample_exactly"])
+def test_rollouts_sample_from_softmax_at_the_temperature_not_the_checkpoints_settings(tiny, sampler, temperature):
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8)  # sharper logits: a top-20 filter would cut 20-55% of the mass
+    config = model.generation_config  # settings of the kind Qwen2.5-Instruct ships (top_k 20, top_p 0.8, ...)
+    config.top_k, config.top_p, config.repetition_penalty, config.temperature = 20, 0.8, 1.5, 0.3
+    prompt = tokenizer(["Tom has 3 apples."], return_tensors="pt")["input_ids"].repeat(4000, 1)  # (n, P)
+    settings = dict(max_new_tokens=1, temperature=temperature, eos_token_ids=grpo.end_of_sequence_ids(model, tokenizer),
+                    pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    scores = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5, -30.0]]).repeat(100_000, 1)  # (n, V)
-    prompt = torch.zeros(100_000, 3, dtype=torch.long)  # (n, P): the first new token is being drawn
-    for temperature in (1.0, 0.5):
-        sampler = grpo.InverseCDFSampler(temperature, torch.rand(100_000, 4), prompt_length=3)
-        out = sampler(prompt, scores)  # (n, V): 0 at the drawn token, -inf elsewhere
-        assert torch.equal((out == 0).sum(dim=1), torch.ones(len(scores), dtype=torch.long))
-        frequencies = torch.bincount(out.argmax(dim=1), minlength=6).double() / len(scores)
-        expected = torch.softmax(scores[0].double() / temperature, dim=-1)
-        assert torch.allclose(frequencies, expected, atol=0.006), (temperature, frequencies, expected)
+    uniforms = (torch.rand(len(prompt), 1),) if sampler == "sample_exactly" else ()
+    drawn = getattr(grpo, sampler)(model, prompt, torch.ones_like(prompt), *uniforms, **settings)[:, -1]  # (n,)
+    with torch.no_grad():
+        expected = torch.softmax(model(prompt[:1]).logits[0, -1].double() / temperature, dim=-1) * len(prompt)  # (V,)
+    # Pearson's chi-square over the tokens expected at least 5 times, the rest in one bin.
+    observed, kept = torch.bincount(drawn, minlength=len(expected)).double(), expected >= 5
+    observed = torch.cat([observed[kept], observed[~kept].sum().view(1)])
+    expected = torch.cat([expected[kept], expected[~kept].sum().view(1)])
+    chi_square, dof = ((observed - expected) ** 2 / expected).sum().item(), len(expected) - 1
+    assert chi_square < dof + 6 * math.sqrt(2 * dof), (chi_square, dof)  # ~6 standard deviations
 
 
 def test_a_rollout_depends_neither_on_how_it_is_split_nor_on_the_checkpoints_sampling_settings(tiny):
@@ -1238,14 +1255,14 @@ def grpo_layout():
 def test_the_readme_layout_table_matches_the_file():
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     layout = grpo_layout()
-    assert [title[:2] for _, _, title in layout if not title.startswith("Engineering")] == \
-        ["1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9."]  # the tutorial's order
+    # The lesson (1-8) in one piece, then the fences, then the command line.
+    assert [title.split()[0] if title[0].isdigit() else title[:13] for _, _, title in layout] == [
+        "1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "Engineering A", "Engineering B", "Engineering C",
+        "Engineering D", "9."]
     for start, end, title in layout:
         assert f"| {start}-{end} | {title} |" in readme, (start, end, title)
-    engineering = [title for _, _, title in layout if title.startswith("Engineering")]
-    assert len(engineering) == 4
     source = open(os.path.join(HERE, "grpo.py"), encoding="utf-8").read()
-    assert source.count("(skip on first reading; the tutorial continues at section ") == 4
+    assert source.count("\n# (engineering after the lesson; read it when you need it)\n") == 4
 
 
 # --- A toy task on which the answers get right: the correctness reward at work -------------------------------------
@@ -1399,39 +1416,63 @@ def test_correctness_rises_from_chance_on_held_out_toy_questions():
     assert result["history"][-1]["correctness_reward"] > result["history"][0]["correctness_reward"] + 0.5
 
 
-# --- Every algorithmic function can be copied out (with what its docstring names) ----------------------------------
+# --- Every function of the lesson can be copied out (with what its docstring names) --------------------------------
 
 
-def test_every_algorithmic_function_runs_when_copied_with_what_its_docstring_names(tiny):
+def test_every_lesson_function_runs_when_copied_with_exactly_what_its_docstring_names(tiny):
     model, tokenizer = tiny
+    model.eval()
     torch.manual_seed(0)
     ids = torch.cat([prompt_ids_for(tokenizer, copies=4), torch.randint(0, 300, (4, 3))], dim=1)  # (4, P + 3)
-    mask = torch.ones_like(ids)
+    mask, prompt = torch.ones_like(ids), prompt_ids_for(tokenizer, copies=2)
     logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
     log_probs, completion_mask, advantages = torch.randn(4, 3), torch.tensor([[1, 1, 0]] * 4), torch.randn(4, 1)
-    calls = {
-        "build_prompt": (tokenizer, "What is 2+2?"),
-        "extract_answer_from_model_output": ("<answer> 4 </answer>",),
-        "extract_answer_from_dataset": ("2+2\n#### 4",),
-        "numbers_in": ("$1,080 and 3",),
-        "extract_single_number": ("$1,080",),
-        "extract_last_number": ("3 then 4",),
-        "correctness_reward": (["<answer>$72</answer>", "<answer>72</answer>"], ["72", "72"]),
-        "format_reward": (["<reasoning></reasoning><answer>",],),
-        "combined_reward": (["<reasoning>r</reasoning><answer>72</answer>"], ["72"]),
-        "compute_group_advantages": (torch.tensor([1.0, 2.0, 3.0, 3.0]), 2),
-        "selective_log_softmax": (logits, tokens),
-        "compute_log_probs": (model, ids, mask, 3, 0.7),
-        "create_completion_mask": (torch.tensor([[5, 9, 5]]), [9]),
-        "masked_sequence_mean": (log_probs, completion_mask),
-        "grpo_loss": (log_probs, log_probs - 0.1, log_probs + 0.1, advantages, completion_mask, 0.04, 0.2),
-        "accumulate_grpo_gradients": (grpo.LogProbModule(model, 1.0), ids, mask, completion_mask, advantages, None,
-                                      None, 2, 0.0, 0.2),
-        "batch_indices": (3, 4, 7, 0),
-        "micro_batches": (5, 2),
+    eos, prompts = grpo.end_of_sequence_ids(model, tokenizer), [grpo.build_prompt(tokenizer, "2+2?")]
+    rollout = dict(max_new_tokens=4, temperature=1.0, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+    update = {"loss": 0.5, "kl": 0.1, "clip_ratio": 0.0, "grad_norm": 1.0, "skipped": False}
+    calls = {  # name: (args, keywords)
+        "build_prompt": ((tokenizer, "What is 2+2?"), {}),
+        "extract_answer_from_model_output": (("<answer> 4 </answer>",), {}),
+        "extract_answer_from_dataset": (("2+2\n#### 4",), {}),
+        "numbers_in": (("$1,080 and 3",), {}),
+        "extract_single_number": (("$1,080",), {}),
+        "extract_last_number": (("3 then 4",), {}),
+        "correctness_reward": ((["<answer>$72</answer>", "<answer>72</answer>"], ["72", "72"]), {}),
+        "format_reward": ((["<reasoning></reasoning><answer>"],), {}),
+        "combined_reward": ((["<reasoning>r</reasoning><answer>72</answer>"], ["72"]), {}),
+        "compute_group_advantages": ((torch.tensor([1.0, 2.0, 3.0, 3.0]), 2), {}),
+        "selective_log_softmax": ((logits, tokens), {}),
+        "compute_log_probs": ((model, ids, mask, 3, 0.7), {}),
+        "create_completion_mask": ((torch.tensor([[5, 9, 5]]), [9]), {}),
+        "truncated_completions": ((torch.tensor([[5, 9, 5], [5, 5, 5]]), [9]), {}),
+        "masked_sequence_mean": ((log_probs, completion_mask), {}),
+        "reduce_per_token": ((log_probs, completion_mask, "dr_grpo", 5), {}),
+        "grpo_loss": ((log_probs, log_probs - 0.1, log_probs + 0.1, advantages, completion_mask, 0.04, 0.2), {}),
+        "sample_sequences": ((model, prompt, torch.ones_like(prompt)), rollout),
+        "end_of_sequence_ids": ((model, tokenizer), {}),
+        "generate_completions": ((model, tokenizer, prompts, 2, 4, 1.0, eos), {}),
+        "decode_completions": ((tokenizer, torch.tensor([[40, 41, eos[0], 42]]), torch.tensor([[1, 1, 1, 0]])), {}),
+        "evaluate_model": ((model, tokenizer, [{"question": "2+2?", "answer": "4"}] * 3),
+                           {"max_new_tokens": 4, "batch_size": 2}),
+        "batch_indices": ((3, 4, 7, 0), {}),
+        "make_reference_model": ((model, torch.bfloat16), {}),
+        "make_optimizer": ((model, 1e-3, 0.01, torch.device("cpu")), {}),
+        "micro_batches": ((5, 2), {}),
+        "accumulate_grpo_gradients": ((grpo.LogProbModule(model, 1.0), ids, mask, completion_mask, advantages, None,
+                                       None, 2, 0.0, 0.2), {}),
+        "step_metrics": ((["<answer>4</answer>", "5"], ["4", "4"], torch.tensor([2.0, 0.0]), torch.tensor([False, True]),
+                          completion_mask[:2], mask[:2], 2, [update], {"step": 2.0, "rollout": 1.0, "update": 1.0}), {}),
     }
-    for name, args in calls.items():
-        assert same(copied(name)(*args), getattr(grpo, name)(*args)), name
+    lesson = {node.name for node in ast.parse(open(os.path.join(HERE, "grpo.py")).read()).body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
+                  start <= node.lineno <= end and title[0] in "12345678" for start, end, title in grpo_layout())}
+    assert lesson - {"train_with_grpo"} == set(calls)  # every function of sections 1-8 but the loop itself
+    for name, (args, keywords) in calls.items():
+        results = []
+        for function in (copied(name), getattr(grpo, name)):
+            torch.manual_seed(0)  # the rollouts sample
+            results.append(function(*args, **keywords))
+        assert same(*results), name
 
 
 # --- Engineering C: checkpoints, resume, interruption, non-finite updates ------------------------------------------
@@ -1563,19 +1604,6 @@ def test_a_signal_while_the_final_model_is_saved_says_so_and_stops_before_the_ev
     assert exit_info.value.code == 143 and (out / "config.json").is_file() and "eval after" not in printed.out
     assert f"stopping once the final model in {out} is written" in printed.out
     assert f"stopped by SIGTERM once the final model was saved in {out}" in printed.err
-
-
-@pytest.mark.slow
-def test_a_signal_while_the_libraries_load_ends_in_one_line_and_the_advice(tmp_path):
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "grpo.py")], stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # until torch's library is mapped: grpo.py runs and torch is still loading (a fixed
-        with open(f"/proc/{process.pid}/maps") as maps:  # sleep was at times shorter than python's start)
-            if "libtorch" in maps.read():
-                break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and stderr.strip() == "stopped by SIGINT while loading; run the same command again"
 
 
 @pytest.mark.slow
