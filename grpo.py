@@ -360,21 +360,19 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
 # ================================================================================================
 # 6. Rollouts: sampling G completions per prompt
 # ================================================================================================
-# The ratio and the KL score each completion under softmax(logits / temperature), so the completions must
-# be sampled from exactly that distribution: generate()'s sampling with the temperature, and with every
-# filter the checkpoint ships switched off (Qwen2.5-Instruct's generation_config sets top_k 20, top_p 0.8
-# and a repetition penalty, which would sample from a distribution the log-probs do not score).
+# The ratio and the KL score each completion under softmax(logits / temperature), so it must be sampled
+# from exactly that: generate()'s sampling at that temperature, with the filters the checkpoint ships
+# switched off (Qwen2.5-Instruct's generation_config sets top_k 20, top_p 0.8 and a repetition penalty).
 
 
 def sample_sequences(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
                      temperature: float | None, eos_token_ids: list[int], pad_token_id: int) -> torch.Tensor:
     """model.generate() with the KV cache: prompts (n, P) -> prompts + completions (n, P + t), t <= max_new_tokens.
 
-    temperature T: each new token is drawn from exactly softmax(logits / T). Had the checkpoint's top_k /
-    top_p / repetition penalty applied, a token outside the top 20 could never be sampled while the
-    log-probs still give it mass, and pi_old in the ratio would not be the distribution that sampled.
-    None: greedy decoding (evaluation). The training loop swaps in Parallel.generate (engineering B):
-    the same distribution, drawn from pre-drawn random numbers so that torchrun's processes agree.
+    temperature T: each new token is drawn from exactly softmax(logits / T). With the checkpoint's top_k 20 a
+    token outside the top 20 could never be sampled though the log-probs give it mass: the ratio's pi_old
+    would not be the policy that sampled. None: greedy decoding (evaluation). The training loop swaps in
+    Parallel.generate (engineering B): the same distribution, drawn from random numbers fixed up front.
     Copy with: import torch.
     """
     # use_cache: the KV cache, each new token attends to stored keys/values (O(T), not O(T^2) per token).
