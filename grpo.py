@@ -464,7 +464,65 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 
 
 # ================================================================================================
-# 8. The training loop
+# 8. A cold start: supervised steps on worked solutions, for a model that never earns a reward
+# ================================================================================================
+# GRPO learns only from differences within a group. A model that never writes the <answer> tags earns 0 for
+# every completion: every advantage is 0, and GRPO learns nothing however long it runs. DeepSeek-R1 started its
+# RL from a "cold start": supervised steps on worked solutions written in the format it wanted. Their
+# log-likelihood comes from compute_log_probs, which also scores the policy, pi_old and pi_ref.
+
+
+def sft_completion(solution: str, answer: str) -> str:
+    """A worked solution in the rewarded format: its calculator notes (GSM8K's <<48/2=24>>) removed, inside
+    <reasoning> tags, then the final answer inside <answer> tags. Copy with: import re."""
+    reasoning = re.sub(r"<<[^>]*>>", "", solution).strip()
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Mean negative log-likelihood of n completions after their prompts, each ended by the end-of-turn token:
+        loss = -(1 / sum_it m_it) sum_it m_it log pi(o_it | q_i, o_i,<t)
+    every token of the batch weighing the same (m: 1 on a completion's tokens and its end-of-turn token, 0 on
+    padding), log pi from compute_log_probs at temperature 1. prompts: build_prompt's texts.
+    Copy with: import torch; selective_log_softmax, compute_log_probs.
+    """
+    device = next(model.parameters()).device
+    prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    target = tokenizer([text + tokenizer.eos_token for text in completions], return_tensors="pt", padding=True,
+                       padding_side="right", add_special_tokens=False)  # (n, T), padding after the end-of-turn
+    input_ids = torch.cat([prompt["input_ids"], target["input_ids"]], dim=1).to(device)  # (n, P + T)
+    attention_mask = torch.cat([prompt["attention_mask"], target["attention_mask"]], dim=1).to(device)  # (n, P + T)
+    log_probs = compute_log_probs(model, input_ids, attention_mask, target["input_ids"].size(1))  # (n, T)
+    mask = target["attention_mask"].to(device)  # (n, T): m
+    return -(log_probs * mask).sum() / mask.sum()
+
+
+def cold_start(model, tokenizer, examples: list[dict], *, steps: int, batch_size: int, learning_rate: float,
+               seed: int) -> list[float]:
+    """`steps` AdamW steps on sft_loss, batch_size examples ("question", "answer", "solution") each, in a seeded
+    random order; returns the losses. Its AdamW is dropped at the end and GRPO starts a fresh one: the supervised
+    gradients, far larger than GRPO's, would leave second moments that damp GRPO's first hundreds of updates.
+    Copy with: import re, torch; build_prompt, SYSTEM_PROMPT, sft_completion, sft_loss, selective_log_softmax,
+    compute_log_probs.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = [examples[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
+        loss = sft_loss(model, tokenizer, [build_prompt(tokenizer, ex["question"]) for ex in batch],
+                        [sft_completion(ex["solution"], ex["answer"]) for ex in batch])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        print(f"cold start step {step + 1}/{steps}: loss {losses[-1]:.4f}", flush=True)
+    return losses
+
+
+# ================================================================================================
+# 9. The training loop
 # ================================================================================================
 
 
@@ -588,6 +646,7 @@ def train_with_grpo(
     micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
     scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
     importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
+    eval_examples: list[dict] = (), eval_steps: int = 0, eval_batch_size: int = 32,
     parallel: Parallel | None = None, run: RunControl | None = None,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step.
@@ -597,6 +656,7 @@ def train_with_grpo(
     being the policy that sampled the step's completions; micro_batch_size sequences per forward/backward
     pass; bf16: autocast and a bf16 reference model, on GPU only. The variants: compute_group_advantages
     and grpo_loss, and mask_truncated_completions (DAPO: no loss for a completion cut at the limit).
+    eval_steps: every this many steps, evaluate_model on eval_examples (0: never), kept in the step's record.
     parallel (engineering B) spreads the work out; run (engineering C) logs, saves, resumes and stops. Each
     marked call in the loop says the lesson's one-process call it stands for.
     """
@@ -665,11 +725,17 @@ def train_with_grpo(
             optimizer.zero_grad(set_to_none=False)  # keeps the gradients' memory (under DDP: its buckets)
             updates.append({**totals, "grad_norm": grad_norm.item(), "skipped": skipped})
 
-        # 6) Log the step, save a checkpoint when one is due, and stop here if a signal or faults ask for it.
+        # 6) The step's numbers; every eval_steps steps, a point of the held-out curve (greedy, no randomness).
         now = time.perf_counter()
         seconds = {"rollout": rollout_seconds, "update": now - update_start, "step": now - started}
         history.append({"step": step + 1, "iteration": step // num_steps + 1, **step_metrics(
             texts, answers, rewards, truncated, completion_mask, attention_mask, num_generations, updates, seconds)})
+        if eval_steps and (step + 1) % eval_steps == 0 and eval_examples:
+            history[-1]["eval"] = evaluate_model(policy, tokenizer, eval_examples, max_new_tokens=max_completion_length,
+                                                 batch_size=eval_batch_size, label=f"eval step {step + 1}",
+                                                 generate=parallel.generate)  # B: = generate=sample_sequences
+
+        # 7) Log the step, save a checkpoint when one is due, and stop here if a signal or faults ask for it.
         run.end_step(history[-1], (batch[0]["question"], texts[0], answers[0], rewards[0].item()),
                      policy, tokenizer, optimizer, reference)  # C: = print(step_line(...)), metrics.jsonl, checkpoint
 
@@ -911,6 +977,7 @@ class Parallel:
 # A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted job), carry on
 # exactly where it stopped, and not let one NaN destroy the weights. Checkpoints are output_dir/checkpoint-{step}.
 CHECKPOINT_PREFIX = "checkpoint-"
+NO_SIGNAL_STEPS = 3  # steps in a row without any advantage before the log says that GRPO cannot learn
 
 
 def eta(step_seconds: list[float], steps_left: int) -> str:
@@ -1073,6 +1140,8 @@ class RunControl:
     step_seconds: list = field(default_factory=list)  # of the steps this process ran, for the ETA
     total_steps: int = 0
     mu: int = 1
+    evaluation: dict = field(default_factory=dict)  # eval.json's content, shared with Session
+    flat_steps: int = 0  # steps in a row in which every group's rewards were equal (no advantage anywhere)
 
     def start(self, optimizer, policy: nn.Module, amp_dtype: torch.dtype | None, beta: float, total_steps: int,
               mu: int = 1):
@@ -1108,10 +1177,20 @@ class RunControl:
             with open(os.path.join(self.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                     for k, v in record.items()}) + "\n")
+            if "eval" in record:
+                self.evaluation[f"step_{step}"] = record["eval"]
+                write_file(os.path.join(self.output_dir, "eval.json"), json.dumps(self.evaluation, indent=2))
         print(step_line(record, self.total_steps, eta(self.step_seconds, self.total_steps - step)), flush=True)
         if skipped:
             print(f"  SKIPPED {skipped}/{self.mu} non-finite updates of step {step} (the loss or gradient norm "
                   "was NaN/inf)", flush=True)
+        self.flat_steps = self.flat_steps + 1 if record["frac_reward_zero_std"] == 1.0 else 0
+        if self.flat_steps == NO_SIGNAL_STEPS:  # said once per such stretch, at its third step
+            print(f"  NO LEARNING SIGNAL: for {self.flat_steps} steps every group's rewards were equal (reward "
+                  f"{record['reward']:.2f}, truncated {record['truncated_ratio']:.0%}), so every advantage is 0 and "
+                  "GRPO learns nothing; a model that never earns a reward needs a cold start (--sft_steps 16), or "
+                  "try more completions per prompt (--num_generations), a longer --max_completion_length if they "
+                  "are cut, or a larger model", flush=True)
         if self.log_completions_steps and step % self.log_completions_steps == 0:
             question, text, answer, reward = sample
             print(f"{details_line(record)}\n--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n"
@@ -1195,8 +1274,8 @@ def _gsm8k_rows(source: str, split: str, flag: str) -> list[dict]:
 
 
 def load_gsm8k(source: str, split: str = "train", flag: str = "--dataset") -> list[dict]:
-    """GSM8K-style examples [{"question": str, "answer": the part after '####'}] from a hub data set (config
-    "main") or a local .json/.jsonl file; rows without a question or a '####' answer are skipped (none left: error)."""
+    """GSM8K-style examples [{"question", "answer": the part after '####', "solution": the part before}] from a hub
+    data set (config "main") or a local .json/.jsonl file; rows without a question or an answer are skipped."""
     rows = _gsm8k_rows(source, split, flag)  # flag: the one that named source, for the advice
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DataError(f"{source}: expected a list of objects with 'question' and 'answer' fields")
@@ -1205,7 +1284,8 @@ def load_gsm8k(source: str, split: str = "train", flag: str = "--dataset") -> li
     missing = sorted({"question", "answer"} - set(rows[0]))
     if missing:
         raise DataError(f"{source}: rows need 'question' and 'answer' fields; missing {missing}")
-    examples = [{"question": str(row["question"]), "answer": extract_answer_from_dataset(str(row.get("answer", "")))}
+    examples = [{"question": str(row["question"]), "answer": extract_answer_from_dataset(str(row.get("answer", ""))),
+                 "solution": str(row.get("answer", "")).split("####")[0].strip()}  # worked, for a cold start
                 for row in rows if str(row.get("question", "")).strip()]
     examples = [ex for ex in examples if ex["answer"] is not None]
     if not examples:
@@ -1248,7 +1328,8 @@ def load_model_and_tokenizer(name: str, device: torch.device):
 # (learning rate, weight decay, gradient clipping, num_steps, evaluation, saving, logging, memory) take effect.
 FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_size", "num_generations", "mu",
                    "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high", "loss_type",
-                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions")
+                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions", "sft_steps",
+                   "sft_batch_size", "sft_learning_rate")
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
@@ -1354,31 +1435,34 @@ class Session:
               f"{f' x {parallel.world_size} processes' if parallel.world_size > 1 else ''}"
               f"{f' (DataParallel over {parallel.gpus} GPUs)' if parallel.gpus > 1 else ''}")
         eval_path = pathlib.Path(args.output_dir, "eval.json")
-        if resume and eval_path.exists():  # the "before" evaluation is kept from the first start
+        if resume and eval_path.exists():  # the evaluations of the stages before this start are kept
             self.evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
         self.stop.where, self.resumed = f"before step {resume['step'] + 1 if resume else 1}", resume is not None
         flags = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(RunControl)}}  # save_steps, ...
-        self.run = RunControl(**flags, resume=resume, stop=self.stop, parallel=parallel)  # lets go of resume once used
+        self.run = RunControl(**flags, resume=resume, stop=self.stop, parallel=parallel,  # lets go of resume once used
+                              evaluation=self.evaluation)
         return policy, tokenizer, train_examples, eval_examples
 
     def evaluate(self, when: str, policy, tokenizer, examples: list[dict]) -> None:
-        """The "before" or "after" evaluation (every process takes part), written to eval.json. "before"
-        is kept from a resumed run's first start; "after" runs when this run trained or has none yet."""
-        if not examples or (self.resumed if when == "before" else not self.trained and "after" in self.evaluation):
+        """The evaluation "before" training, "after_cold_start" or "after" (every process takes part), written to
+        eval.json. The first two are kept from a resumed run's first start; "after" runs when this run trained or
+        has none yet. After the last, one line compares the stages."""
+        if not examples or (not self.trained and "after" in self.evaluation if when == "after" else self.resumed):
             return
         self.evaluating = True  # its progress line is open until it ends
         self.evaluation[when] = evaluate_model(
             policy, tokenizer, examples, max_new_tokens=self.args.max_completion_length,
-            batch_size=self.args.eval_batch_size, label=f"eval {when}", generate=self.parallel.generate)
+            batch_size=self.args.eval_batch_size, label=f"eval {when.replace('_', ' ')}",
+            generate=self.parallel.generate)
         self.evaluating = False
         if self.parallel.rank == 0:
             write_file(os.path.join(self.args.output_dir, "eval.json"), json.dumps(self.evaluation, indent=2))
-        if when == "after" and "before" in self.evaluation:
-            before, after = self.evaluation["before"], self.evaluation["after"]
-            sizes = "" if before["num_examples"] == after["num_examples"] else \
-                f" (not comparable: before on {before['num_examples']} questions, after on {after['num_examples']})"
-            print(f"accuracy before -> after: strict {before['strict_accuracy']:.1%} -> {after['strict_accuracy']:.1%}"
-                  f", lenient {before['lenient_accuracy']:.1%} -> {after['lenient_accuracy']:.1%}{sizes}")
+        stages = {s: self.evaluation[s] for s in ("before", "after_cold_start", "after") if s in self.evaluation}
+        if when == "after" and len(stages) > 1:  # e.g. "before 0.0% / 32.5% -> after 70.0% / 72.5%"
+            same_size = len({result["num_examples"] for result in stages.values()}) == 1
+            print("accuracy, strict / lenient: " + " -> ".join(
+                f"{s.replace('_', ' ')} {r['strict_accuracy']:.1%} / {r['lenient_accuracy']:.1%}"
+                + ("" if same_size else f" (of {r['num_examples']} questions)") for s, r in stages.items()))
 
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
@@ -1440,7 +1524,7 @@ def exit_process(code: int | str | None) -> None:
 
 
 # ================================================================================================
-# 9. The command line
+# 10. The command line
 # ================================================================================================
 
 def _number_type(kind, check, requirement: str):
@@ -1528,9 +1612,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
                    help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
 
+    g = parser.add_argument_group("cold start: supervised steps before GRPO (DeepSeek-R1)")
+    g.add_argument("--sft_steps", type=non_negative_int, default=0, help="steps on the training set's worked "
+                   "solutions written in the rewarded format, for a model that never earns a reward; 0 = none")
+    g.add_argument("--sft_batch_size", type=positive_int, default=8, help="examples per cold-start step")
+    g.add_argument("--sft_learning_rate", type=positive_float, default=5e-5,
+                   help="learning rate of the cold start's own AdamW (GRPO starts a fresh one)")
+
     g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval_size", type=non_negative_int, default=100,
-                   help="held-out examples scored before and after training; 0 = skip evaluation")
+    g.add_argument("--eval_size", type=non_negative_int, default=100, help="held-out examples scored before and "
+                   "after training (and after a cold start); 0 = skip evaluation")
+    g.add_argument("--eval_steps", type=non_negative_int, default=0,
+                   help="also score them every this many GRPO steps, a held-out curve; 0 = never")
     g.add_argument("--eval_batch_size", type=positive_int, default=32, help="prompts per greedy generate call")
 
     g = parser.add_argument_group("output, checkpoints and faults")
@@ -1573,16 +1666,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """The notebook's last cell: load the model and the data, evaluate, train with GRPO, save, evaluate
-    again. Session (engineering D) carries what a real run needs around it: torchrun, signals, resume,
-    the output folder, and one line and an exit code for whatever stops the run."""
+    """The notebook's last cell: load the model and the data, evaluate, (a cold start and evaluate,) train with
+    GRPO, save, evaluate again. Session (engineering D) carries what a real run needs around it: torchrun,
+    signals, resume, the output folder, and one line and an exit code for whatever stops the run."""
     args = parse_args(argv)
     with Session(args) as session:
         policy, tokenizer, train_examples, eval_examples = session.load()
         session.evaluate("before", policy, tokenizer, eval_examples)
+        if args.sft_steps and not session.resumed:  # a resumed run's checkpoint holds the cold-started weights
+            session.stop.where = "during the cold start (nothing is saved before GRPO's first step)"
+            cold_start(policy, tokenizer, train_examples, steps=args.sft_steps, batch_size=args.sft_batch_size,
+                       learning_rate=args.sft_learning_rate, seed=args.seed)
+            session.evaluate("after_cold_start", policy, tokenizer, eval_examples)
         # The notebook's training_config: every flag that names a hyperparameter of train_with_grpo
         training_config = {k: v for k, v in vars(args).items() if k in inspect.signature(train_with_grpo).parameters}
-        history = train_with_grpo(policy, tokenizer, train_examples, **training_config,
+        history = train_with_grpo(policy, tokenizer, train_examples, **training_config, eval_examples=eval_examples,
                                   parallel=session.parallel, run=session.run)
         session.save(policy, tokenizer, history)
         session.evaluate("after", policy, tokenizer, eval_examples)

@@ -823,6 +823,57 @@ def test_evaluate_model_scores_strict_and_lenient(tiny, monkeypatch):
     assert model.training  # the mode is restored
 
 
+# --- 8. A cold start ----------------------------------------------------------------------------------------------
+
+
+def test_a_cold_start_target_is_the_worked_solution_in_the_rewarded_format_and_earns_the_full_reward():
+    target = grpo.sft_completion("She sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.", "72")
+    assert target == "<reasoning>\nShe sold 48/2 = 24 clips.\nIn all 48+24 = 72.\n</reasoning>\n<answer>\n72\n</answer>"
+    assert grpo.combined_reward([target], ["72"]) == [2.8]
+
+
+def test_sft_loss_is_the_mean_log_likelihood_of_the_completion_tokens_and_their_end_of_turn(tiny):
+    model, tokenizer = tiny
+    prompts = [grpo.build_prompt(tokenizer, q) for q in ("Tom has 3 apples.", "A much longer question " * 3)]
+    completions = ["<answer>42</answer>", "12 + 30"]
+    terms = []  # each sequence alone, unpadded, through a full log_softmax
+    for prompt, completion in zip(prompts, completions):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        log_probs = torch.log_softmax(model(torch.tensor([p + c])).logits[0].double(), dim=-1)  # (L, V)
+        terms += [log_probs[len(p) - 1 + t, token] for t, token in enumerate(c)]
+    loss = grpo.sft_loss(model, tokenizer, prompts, completions)
+    assert loss.item() == pytest.approx(-torch.stack(terms).mean().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_cold_start_teaches_the_format_to_a_model_that_never_writes_it():
+    train, held_out = toy_split(0)
+    model, tokenizer = build_toy_model(0)
+    eos = grpo.end_of_sequence_ids(model, tokenizer)
+    prompts = [grpo.build_prompt(tokenizer, ex["question"]) for ex in held_out]
+
+    def format_reward():
+        completions = grpo.generate_completions(model.eval(), tokenizer, prompts, 1, 12, None, eos)[2:]
+        return sum(grpo.format_reward(grpo.decode_completions(tokenizer, *completions))) / len(prompts)
+
+    assert format_reward() < 0.1
+    losses = grpo.cold_start(model, tokenizer, [{**ex, "solution": "count"} for ex in train], steps=40,
+                             batch_size=16, learning_rate=3e-3, seed=0)
+    assert losses[-1] < losses[0] / 4 and format_reward() == pytest.approx(0.8)
+
+
+def test_the_log_says_once_when_no_group_has_a_learning_signal(capsys):
+    run = grpo.RunControl(total_steps=9)
+    record = {"reward": 0.0, "correctness_reward": 0.0, "format_reward": 0.0, "reward_std": 0.0, "kl": 0.0,
+              "clip_ratio": 0.0, "completion_length": 9.0, "step_seconds": 1.0, "skipped_updates": 0,
+              "truncated_ratio": 0.5}
+    for step, flat in enumerate([1, 1, 0.5, 1, 1, 1, 1, 1, 1], start=1):  # a signal at step 3, none after it
+        run.end_step({**record, "step": step, "frac_reward_zero_std": flat}, None, None, None, None, None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "NO LEARNING SIGNAL" in line]
+    assert len(lines) == 1 and "--sft_steps" in lines[0] and "truncated 50%" in lines[0]
+
+
 # --- 8. The training loop ------------------------------------------------------------------------------------------
 
 
@@ -1008,22 +1059,26 @@ def test_main_end_to_end_writes_a_loadable_model_and_metrics(tiny_dir, tmp_path,
     history = grpo.main(["--model_name", tiny_dir, "--dataset", data, "--eval_dataset", held_out, "--eval_size", "4",
                          "--num_steps", "3", "--batch_size", "2", "--num_generations", "3", "--mu", "2",
                          "--max_completion_length", "10", "--micro_batch_size", "2", "--device", "cpu",
-                         "--learning_rate", "1e-3", "--output_dir", str(out), "--log_completions_steps", "2"])
+                         "--learning_rate", "1e-3", "--output_dir", str(out), "--log_completions_steps", "2",
+                         "--sft_steps", "2", "--eval_steps", "2"])
     assert len(history) == 3
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
+    assert [line.get("eval", {}).get("num_examples") for line in lines] == [None, 4, None]  # --eval_steps 2
     for key in ("step", "reward", "correctness_reward", "format_reward", "reward_std", "kl", "loss", "clip_ratio",
                 "completion_length", "step_seconds", "tokens_per_second"):
         assert all(math.isfinite(line[key]) for line in lines), key
     args = json.loads((out / "args.json").read_text())
     assert args["mu"] == 2 and args["bf16"] is False  # bf16 applies on GPU only: recorded as it applied
     evaluation = json.loads((out / "eval.json").read_text())
-    assert set(evaluation) == {"before", "after"} and evaluation["after"]["num_examples"] == 4
+    assert list(evaluation) == ["before", "after_cold_start", "step_2", "after"]
+    assert evaluation["after"]["num_examples"] == 4 and evaluation["step_2"] == lines[1]["eval"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     trained = grpo.load_model_and_tokenizer(str(out), torch.device("cpu"))[0]
     assert torch.equal(reloaded.model.embed_tokens.weight, trained.model.embed_tokens.weight)
     printed = capsys.readouterr().out
     assert "step 3/3" in printed and "--- sample" in printed and "summary:" in printed
+    assert "cold start step 2/2" in printed and "accuracy, strict / lenient: before " in printed
 
 
 # --- 9. Command line: bad input gets a clear error (and engineering D) ---------------------------------------------
@@ -1212,9 +1267,9 @@ def test_rows_without_an_answer_are_skipped_and_counted(tmp_path, capsys):
 def test_json_list_files_thousands_commas_and_a_byte_order_mark_load(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"question": "How many?", "answer": "10 x 108 = 1080\n#### 1,080"}]))
-    assert grpo.load_gsm8k(str(path)) == [{"question": "How many?", "answer": "1,080"}]
+    assert grpo.load_gsm8k(str(path)) == [{"question": "How many?", "answer": "1,080", "solution": "10 x 108 = 1080"}]
     (tmp_path / "bom.jsonl").write_text(GOOD_ROW + "\n", encoding="utf-8-sig")
-    assert grpo.load_gsm8k(str(tmp_path / "bom.jsonl")) == [{"question": "How many?", "answer": "3"}]
+    assert grpo.load_gsm8k(str(tmp_path / "bom.jsonl")) == [{"question": "How many?", "answer": "3", "solution": ""}]
 
 
 @pytest.mark.slow
@@ -1255,10 +1310,10 @@ def grpo_layout():
 def test_the_readme_layout_table_matches_the_file():
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     layout = grpo_layout()
-    # The lesson (1-8) in one piece, then the fences, then the command line.
+    # The lesson (1-9) in one piece, then the fences, then the command line.
     assert [title.split()[0] if title[0].isdigit() else title[:13] for _, _, title in layout] == [
-        "1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "Engineering A", "Engineering B", "Engineering C",
-        "Engineering D", "9."]
+        "1.", "2.", "3.", "4.", "5.", "6.", "7.", "8.", "9.", "Engineering A", "Engineering B", "Engineering C",
+        "Engineering D", "10."]
     for start, end, title in layout:
         assert f"| {start}-{end} | {title} |" in readme, (start, end, title)
     source = open(os.path.join(HERE, "grpo.py"), encoding="utf-8").read()
@@ -1454,6 +1509,10 @@ def test_every_lesson_function_runs_when_copied_with_exactly_what_its_docstring_
         "decode_completions": ((tokenizer, torch.tensor([[40, 41, eos[0], 42]]), torch.tensor([[1, 1, 1, 0]])), {}),
         "evaluate_model": ((model, tokenizer, [{"question": "2+2?", "answer": "4"}] * 3),
                            {"max_new_tokens": 4, "batch_size": 2}),
+        "sft_completion": (("2 + 2 = <<2+2=4>>4", "4"), {}),
+        "sft_loss": ((model, tokenizer, prompts * 2, ["<answer>4</answer>", "4"]), {}),
+        "cold_start": ((model, tokenizer, [{"question": "2+2?", "answer": "4", "solution": "2+2=4"}] * 3),
+                       {"steps": 2, "batch_size": 2, "learning_rate": 1e-3, "seed": 0}),
         "batch_indices": ((3, 4, 7, 0), {}),
         "make_reference_model": ((model, torch.bfloat16), {}),
         "make_optimizer": ((model, 1e-3, 0.01, torch.device("cpu")), {}),
@@ -1465,13 +1524,14 @@ def test_every_lesson_function_runs_when_copied_with_exactly_what_its_docstring_
     }
     lesson = {node.name for node in ast.parse(open(os.path.join(HERE, "grpo.py")).read()).body
               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
-                  start <= node.lineno <= end and title[0] in "12345678" for start, end, title in grpo_layout())}
-    assert lesson - {"train_with_grpo"} == set(calls)  # every function of sections 1-8 but the loop itself
+                  start <= node.lineno <= end and title.split(".")[0] in set("123456789") for start, end, title in grpo_layout())}
+    assert lesson - {"train_with_grpo"} == set(calls)  # every function of sections 1-9 but the loop itself
     for name, (args, keywords) in calls.items():
         results = []
         for function in (copied(name), getattr(grpo, name)):
             torch.manual_seed(0)  # the rollouts sample
-            results.append(function(*args, **keywords))
+            results.append(function(*[copy.deepcopy(a) if isinstance(a, torch.nn.Module) else a for a in args],
+                                    **keywords))  # a fresh model for each: cold_start trains it
         assert same(*results), name
 
 
@@ -1495,6 +1555,22 @@ def test_resume_gives_the_same_result_as_never_stopping(tiny_dir, tmp_path, monk
 
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
     assert torch.allclose(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_during_or_after_its_cold_start_carries_on_exactly(tiny_dir, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
+    flags = lambda out, *extra: _run_flags(tiny_dir, data, tmp_path / out, "--sft_steps", "2", *extra)
+    grpo.main(flags("straight"))
+    for function, call, checkpoints in (("sft_loss", 2, []), ("decode_completions", 2, ["checkpoint-2"])):
+        _signal_on_call(monkeypatch, function, call, signal.SIGINT)  # during the cold start, then GRPO's step 2
+        with pytest.raises(SystemExit):
+            grpo.main(flags("again"))  # the first time nothing is saved: the same command starts again
+        assert [os.path.basename(p) for p in grpo.list_checkpoints(tmp_path / "again")] == checkpoints
+        monkeypatch.undo()
+    grpo.main(flags("again", "--resume_from", "latest"))
+    assert _metrics(tmp_path / "again") == _metrics(tmp_path / "straight")
+    assert torch.allclose(_weights(tmp_path / "again"), _weights(tmp_path / "straight"), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -1562,7 +1638,7 @@ def test_resume_applies_the_changeable_flags_and_refuses_to_change_the_run(tiny_
                              "--resume_from", "latest"))
     start = _weights(tmp_path / "run")
     assert (_weights(tmp_path / "slow") - start).abs().max() < 1e-6 < (_weights(tmp_path / "same") - start).abs().max()
-    assert "not comparable: before on 4 questions, after on 2" in capsys.readouterr().out
+    assert "before 0.0% / 0.0% (of 4 questions) -> after 0.0% / 0.0% (of 2 questions)" in capsys.readouterr().out
     message = _main_error(_run_flags(str(tmp_path / "other"), data, tmp_path / "run", "--resume_from", "latest"))
     assert f"--model_name {tiny_dir} -> {tmp_path / 'other'}" in message and "start a new run" in message
 
