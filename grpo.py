@@ -356,32 +356,38 @@ def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
 
 
+# The loss types that average over all the step's tokens (TRL's "dapo" and "cispo"); the others over sequences.
+TOKEN_MEAN_LOSSES = ("dapo", "cispo")
+
+
 def reduce_per_token(values: torch.Tensor, mask: torch.Tensor, loss_type: str,
                      max_completion_length: int | None = None) -> torch.Tensor:
     """One number from per-token values (N, T) under mask (N, T), the way loss_type averages them:
         "grpo"     mean_i [ sum_t mask_it v_it / sum_t mask_it ]   each completion weighs the same, so
-                   a token of a long completion counts less (DeepSeekMath)
+                   a token of a long completion counts less (DeepSeekMath); "sapo" too (as TRL)
         "dapo"     sum_it mask_it v_it / sum_it mask_it            every token weighs the same (DAPO,
-                   arXiv 2503.14476); TRL's default
+                   arXiv 2503.14476); TRL's default; "cispo" too (as TRL): TOKEN_MEAN_LOSSES
         "dr_grpo"  sum_it mask_it v_it / (N * max_completion_length)   a constant divisor: no length
                    bias at all (Dr. GRPO, arXiv 2503.20783)
-    Copy with: masked_sequence_mean.
+    Copy with: masked_sequence_mean, TOKEN_MEAN_LOSSES.
     """
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return masked_sequence_mean(values, mask)
-    if loss_type == "dapo":
+    if loss_type in TOKEN_MEAN_LOSSES:
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it")
         return (values * mask).sum() / (mask.size(0) * max_completion_length)
-    raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+    raise ValueError(f"loss_type must be 'grpo', 'dapo', 'dr_grpo', 'cispo' or 'sapo', got {loss_type!r}")
 
 
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
               advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float, epsilon: float,
               epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
-              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+              max_completion_length: int | None = None, delta: float | None = None, sapo_temperature_pos: float = 1.0,
+              sapo_temperature_neg: float = 1.05, use_bias_correction_kl: bool = False,
+              off_policy_mask_threshold: float | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
 
     Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
@@ -398,14 +404,35 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
                                    s_i = exp( sum_t mask_it (p - p_old) / sum_t mask_it ), one ratio for
                                    the whole sequence, in both terms of the min; the KL stays per token
         loss_type                  how obj_t is averaged: "grpo" as above, "dapo" over all tokens,
-                                   "dr_grpo" over N * max_completion_length (see reduce_per_token)
+                                   "dr_grpo" over N * max_completion_length (see reduce_per_token);
+                                   "cispo" (averaged as "dapo") and "sapo" (as "grpo") change surr, below
+    The rest act where rho != 1: in the updates after the first of mu (mu > 1), off-policy. At rho = 1 cispo's and
+    sapo's surr have GRPO's gradient and delta and the mask do nothing; the unbiased KL changes the KL's gradient
+    even there. sg() is a stop-gradient (detach); at sequence level s_i stands in for rho throughout.
+        loss_type "cispo"          MiniMax-M1 (arXiv 2506.13585): surr = sg(min(rho, 1 + epsilon_high)) * A_i * p:
+                                   the capped ratio only weighs the gradient of p, so no token loses its gradient
+                                   to the clip (epsilon is unused; the loss's value is no ratio). The cap is the
+                                   paper's 1 + epsilon_high; TRL's is epsilon_high itself (TRL's 5.0 is 4.0 here)
+        loss_type "sapo"           SAPO (arXiv 2511.20347): surr = sigmoid(tau (rho - 1)) * 4 / tau * A_i, tau =
+                                   sapo_temperature_pos if A_i > 0 else sapo_temperature_neg: a smooth trust region,
+                                   the gradient 4 s (1 - s) rho A_i grad p (s the sigmoid) fading as rho leaves 1
+        delta                      INTELLECT-2 (arXiv 2505.07291), in the clipped min: surr = min(min(rho, delta)
+                                   * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i), so a token with A_i < 0
+                                   and a huge rho counts delta * A_i, not rho * A_i, and gets no gradient
+        use_bias_correction_kl     DeepSeek-V3.2 (arXiv 2512.02556): KL = rho * k3, rho with its gradient (as TRL):
+                                   the tokens were sampled from pi_old, and E_old[rho k3] = E_theta[k3]
+        off_policy_mask_threshold  DeepSeek-V3.2: surr = 0 for completion i if A_i < 0 and
+                                   sum_t mask_it (p_old - sg(p)) / sum_t mask_it > threshold (a bad completion the
+                                   policy has already moved away from); its KL and the divisors stay (paper, TRL)
 
     log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
     beta == 0); advantages: (N, 1); completion_mask: (N, T). Returns the scalar loss and detached
-    metrics, means over sequences of per-sequence token means: kl; clip_ratio_low / _high, the share
-    of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which
-    get no gradient from the surrogate; clip_ratio, their sum.
-    Copy with: reduce_per_token, masked_sequence_mean.
+    metrics, means over sequences of per-sequence token means: kl (as it enters the loss); clip_ratio_low /
+    _high, the share of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high,
+    A > 0), which get no gradient from the surrogate (0 for cispo and sapo, which drop none); clip_ratio, their
+    sum; for cispo, cispo_clip_ratio: the share of tokens whose weight was capped (rho > 1 + epsilon_high, any
+    A; TRL counts A > 0 only); with the mask, off_policy_masked: the share of completions dropped.
+    Copy with: reduce_per_token, masked_sequence_mean, TOKEN_MEAN_LOSSES.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
     assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
@@ -419,18 +446,36 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
     elif importance_sampling_level != "token":
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
-    unclipped = ratio * advantages  # (N, T) or (N, 1)
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
-    surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
+    if loss_type == "cispo":  # the capped ratio, detached, weighs the gradient of log pi_theta
+        surrogate = torch.clamp(ratio, max=1.0 + epsilon_high).detach() * advantages * log_probs  # (N, T)
+    elif loss_type == "sapo":  # a smooth gate in place of the clip; a separate temperature for A <= 0
+        tau = torch.full_like(advantages, sapo_temperature_neg).masked_fill(advantages > 0, sapo_temperature_pos)
+        surrogate = (torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages).expand_as(log_probs)  # (N, T)
+    else:
+        unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * advantages  # (N, T) or (N, 1)
+        clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
+        surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
+    if off_policy_mask_threshold is not None:  # how far, on average, p has fallen below p_old on completion i
+        drift = ((old_log_probs - log_probs.detach()) * mask).sum(dim=1, keepdim=True)  # (N, 1)
+        drift = drift / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
+        dropped = (advantages < 0) & (drift > off_policy_mask_threshold)  # (N, 1)
+        surrogate = surrogate * ~dropped  # (N, T)
     log_ratio_ref = ref_log_probs - log_probs if beta != 0.0 else torch.zeros_like(log_probs)  # (N, T): q - p
     kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0  # (N, T), 0 without a reference model
+    if use_bias_correction_kl and beta != 0.0:  # the tokens came from pi_old: weigh each by rho
+        kl = kl * ratio  # (N, T)
     objective = surrogate - beta * kl  # (N, T)
     loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
-    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0)).expand_as(mask).to(mask.dtype)  # (N, T)
-    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).expand_as(mask).to(mask.dtype)  # (N, T)
+    hard_clip = loss_type not in ("cispo", "sapo")  # the clipped min is what drops a token's gradient
+    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0) & hard_clip).expand_as(mask).to(mask.dtype)  # (N, T)
+    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0) & hard_clip).expand_as(mask).to(mask.dtype)
     per_token = {"kl": kl.detach(), "clip_ratio_low": clipped_low, "clip_ratio_high": clipped_high}  # (N, T) each
+    if loss_type == "cispo":
+        per_token["cispo_clip_ratio"] = (ratio > 1.0 + epsilon_high).expand_as(mask).to(mask.dtype)  # (N, T)
     metrics = {name: masked_sequence_mean(values, mask) for name, values in per_token.items()}
     metrics["clip_ratio"] = metrics["clip_ratio_low"] + metrics["clip_ratio_high"]
+    if off_policy_mask_threshold is not None:
+        metrics["off_policy_masked"] = dropped.to(mask.dtype).mean()
     return loss, metrics
 
 
@@ -688,8 +733,8 @@ class Parallel:
                                   **variant) -> tuple[torch.Tensor, dict]:
         """accumulate_grpo_gradients on this process's rows (through DistributedDataParallel under torchrun):
         the log-probs of all N rows (N, T), the loss and metrics as floats averaged over the processes.
-        Each process averages its loss over its rows ("dapo": over the step's tokens / world_size) and DDP
-        averages the gradients, so the update is the single-process full-batch one."""
+        Each process averages its loss over its rows (TOKEN_MEAN_LOSSES: over the step's tokens / world_size)
+        and DDP averages the gradients, so the update is the single-process full-batch one."""
         if self.world_size > 1 and self.trained is None:
             self.trained = nn.parallel.DistributedDataParallel(
                 policy, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -986,19 +1031,19 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
 
     The loss is an average over the batch, so each micro-batch's loss is weighted by its share of that
-    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo"), its
-    completion tokens / the batch's when it averages over tokens ("dapo"). The gradients accumulated in
-    .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
+    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo", "sapo"),
+    its completion tokens / the batch's when it averages over tokens (TOKEN_MEAN_LOSSES). The gradients
+    accumulated in .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
     old_log_probs None: the policy has not moved since the rollout (the first of the mu updates), so
     this pass's own detached log-probs are pi_old's (rho = 1), with no extra forward pass.
 
     log_prob_fn(input_ids, attention_mask, T) -> (n, T), with gradient: e.g.
     functools.partial(compute_log_probs, policy, temperature=T); input_ids, attention_mask: (N, P + T);
     completion_mask (the tokens that get a loss), old and ref log-probs: (N, T); advantages: (N, 1);
-    variant: grpo_loss's keywords. batch_tokens: what "dapo" divides by (default completion_mask.sum()).
+    variant: grpo_loss's keywords. batch_tokens: what "dapo", "cispo" divide by (default completion_mask.sum()).
     no_sync: DistributedDataParallel's, to average the gradients once per update, with the last one.
-    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached).
-    Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, micro_batches.
+    Returns this pass's detached log-probs (N, T) and the batch's loss and grpo_loss's metrics (detached).
+    Copy with: grpo_loss, reduce_per_token, masked_sequence_mean, TOKEN_MEAN_LOSSES, micro_batches.
     """
     num_sequences, num_completion_tokens = completion_mask.shape  # N, T
     if batch_tokens is None:
@@ -1014,12 +1059,13 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
             old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
             loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
                                       advantages[c], completion_mask[c], beta, epsilon, **variant)
-            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo": of the tokens
-            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if variant.get("loss_type") == "dapo" else share
+            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo", "cispo": of the tokens
+            token_mean = variant.get("loss_type") in TOKEN_MEAN_LOSSES
+            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if token_mean else share
             (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
         totals["loss"] += loss.detach() * weight
-        for name, value in metrics.items():
-            totals[name] += value * share
+        for name, value in metrics.items():  # cispo_clip_ratio, off_policy_masked: only where they apply
+            totals[name] = totals.get(name, 0.0) + value * share
     return log_probs_seen, totals
 
 
