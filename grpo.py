@@ -21,7 +21,10 @@ Which GRPO this is (the paper leaves these open; each is settled in the docstrin
     mu         policy updates per batch of rollouts; pi_old is the policy that sampled them
 The family since then changes one piece each, one flag each (formulas in grpo_loss and
 compute_group_advantages): Dr. GRPO (--scale_rewards none --loss_type dr_grpo), DAPO (--loss_type dapo
---epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence).
+--epsilon_high 0.28 --mask_truncated_completions), GSPO (--importance_sampling_level sequence); and, for the
+off-policy updates after the first of mu: CISPO (--loss_type cispo --epsilon_high 4), SAPO (--loss_type sapo),
+INTELLECT-2's two-sided clip (--delta 4), DeepSeek-V3.2's unbiased KL (--use_bias_correction_kl) and off-policy
+mask (--off_policy_mask_threshold 0.5).
 One step of train_with_grpo, its numbered phases: 1) take B prompts (a new reference model when an
 iteration starts); 2) roll out G completions per prompt; 3) rewards -> group-relative advantages;
 4) the reference model's log-probs; 5) mu clipped policy updates; 6) log, checkpoint, stop if asked.
@@ -1103,8 +1106,9 @@ def train_with_grpo(
     learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
     micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
     scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
-    importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
-    parallel: Parallel | None = None, run: RunControl | None = None,
+    importance_sampling_level: str = "token", mask_truncated_completions: bool = False, delta: float | None = None,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, use_bias_correction_kl: bool = False,
+    off_policy_mask_threshold: float | None = None, parallel: Parallel | None = None, run: RunControl | None = None,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step.
 
@@ -1122,7 +1126,9 @@ def train_with_grpo(
     eos_ids = end_of_sequence_ids(policy, tokenizer)
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
     variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                   max_completion_length=max_completion_length)  # grpo_loss's variant arguments
+                   max_completion_length=max_completion_length, delta=delta, sapo_temperature_pos=sapo_temperature_pos,
+                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
+                   off_policy_mask_threshold=off_policy_mask_threshold)  # grpo_loss's variant arguments
     total_steps, history = num_iterations * num_steps, []
     first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # C: (0, None) or resumed
 
@@ -1303,7 +1309,9 @@ def load_model_and_tokenizer(name: str, device: torch.device):
 # (learning rate, weight decay, gradient clipping, num_steps, evaluation, saving, logging, memory) take effect.
 FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_size", "num_generations", "mu",
                    "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high", "loss_type",
-                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions")
+                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions", "delta",
+                   "sapo_temperature_pos", "sapo_temperature_neg", "use_bias_correction_kl",
+                   "off_policy_mask_threshold")
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
@@ -1565,17 +1573,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
 
     g = parser.add_argument_group("GRPO variants, with TRL's names (the defaults are DeepSeekMath's GRPO)")
-    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="grpo = mean over "
-                   "completions of their token means; dapo = mean over all tokens; dr_grpo = sum / (N * max length)")
+    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo", "cispo", "sapo"],
+                   help="grpo = mean over completions of their token means; dapo = mean over all tokens; dr_grpo = sum "
+                   "/ (N * max length); cispo (MiniMax-M1) = the capped ratio, detached, weighs log pi (mean over all "
+                   "tokens); sapo = a smooth sigmoid gate in place of the clip (mean over completions)")
     g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage = (r - "
                    "group mean) / (group std + 1e-4), / (std of the step's rewards + 1e-4), or none (Dr. GRPO)")
-    g.add_argument("--epsilon_high", type=positive_float, default=None,
-                   help="DAPO's clip-higher: ratio kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); None: --epsilon")
+    g.add_argument("--epsilon_high", type=positive_float, default=None, help="DAPO's clip-higher: ratio kept in "
+                   "[1-epsilon, 1+epsilon_high] (DAPO: 0.28); cispo: the weight's cap is 1+epsilon_high, the paper's "
+                   "(TRL's cap is epsilon_high itself: its 5.0 is 4.0 here); None: --epsilon")
     g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
                    help="sequence = GSPO's exp(mean log-ratio of a completion) for all its tokens (with --epsilon "
                         "3e-4 --epsilon_high 4e-4)")
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
                    help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
+    g.add_argument("--delta", type=positive_float, default=None, help="INTELLECT-2's two-sided clipping (grpo, dapo, "
+                   "dr_grpo): the unclipped ratio capped at delta, above 1+epsilon_high (INTELLECT-2: 4); None: off")
+    g.add_argument("--sapo_temperature_pos", type=positive_float, default=1.0, help="sapo's tau for A > 0 in the gate "
+                   "sigmoid(tau (ratio - 1)) * 4 / tau: larger = the gradient fades sooner as the ratio leaves 1")
+    g.add_argument("--sapo_temperature_neg", type=positive_float, default=1.05, help="sapo's tau for A <= 0")
+    g.add_argument("--use_bias_correction_kl", action=argparse.BooleanOptionalAction, default=False,
+                   help="DeepSeek-V3.2's unbiased KL: the k3 term times the ratio (needs --beta > 0); TRL's default is "
+                   "on, off here as in the seed's GRPO")
+    g.add_argument("--off_policy_mask_threshold", type=positive_float, default=None, help="DeepSeek-V3.2's mask: no "
+                   "policy loss for a completion with A < 0 whose mean (log pi_old - log pi) is above this (TRL's "
+                   "example: 0.5); None: off")
 
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval_size", type=non_negative_int, default=100,
@@ -1605,9 +1627,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, checked: a bad value or combination exits with status 2 and a one-line message."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
+    unused = {"cispo": ["epsilon", "delta"], "sapo": ["epsilon", "epsilon_high", "delta"]}.get(args.loss_type, [])
+    unused += [] if args.loss_type == "sapo" else ["sapo_temperature_pos", "sapo_temperature_neg"]
+    given = [name for name in unused if getattr(args, name) != parser.get_default(name)]
+    if given:
+        parser.error(f"--{given[0]} has no effect with --loss_type {args.loss_type} (cispo's one knob is its cap, "
+                     "1 + --epsilon_high; sapo's are --sapo_temperature_pos/_neg; --delta is for grpo, dapo, dr_grpo)")
+    if args.epsilon_high is not None and args.epsilon_high < args.epsilon and args.loss_type != "cispo":
         parser.error(f"--epsilon_high {args.epsilon_high} is below --epsilon {args.epsilon}: clip-higher widens "
                      "the range above 1 (DAPO: --epsilon 0.2 --epsilon_high 0.28)")
+    high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if args.delta is not None and args.delta <= 1.0 + high:
+        parser.error(f"--delta {args.delta:g} must be above 1 + epsilon_high = {1.0 + high:g}: it caps the ratio "
+                     "beyond the clip range, not inside it (INTELLECT-2: --delta 4 with --epsilon 0.2)")
+    if args.use_bias_correction_kl and args.beta == 0.0:
+        parser.error("--use_bias_correction_kl weighs the KL term, and --beta 0 has none: drop one of the two")
     if args.resume_from and args.overwrite_output_dir:
         parser.error("--resume_from carries a run on and --overwrite_output_dir starts it again: choose one")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun

@@ -1065,6 +1065,8 @@ def test_defaults_follow_the_seed():
     args = grpo.parse_args([])
     assert (args.loss_type, args.scale_rewards, args.epsilon_high, args.importance_sampling_level,
             args.mask_truncated_completions) == ("grpo", "group", None, "token", False)
+    assert (args.delta, args.use_bias_correction_kl, args.off_policy_mask_threshold) == (None, False, None)
+    assert grpo.parse_args(["--loss_type", "cispo", "--epsilon_high", "0.1"]).epsilon_high == 0.1  # no lower clip
     assert (args.num_iterations, args.num_steps, args.num_generations, args.max_completion_length, args.mu,
             args.epsilon) == (1, 500, 4, 400, 3, 0.2)
     assert (args.model_name, args.dataset, args.batch_size, args.beta, args.learning_rate, args.max_grad_norm,
@@ -1088,6 +1090,14 @@ def test_defaults_follow_the_seed():
     (["--loss_type", "ppo"], "invalid choice"),
     (["--scale_rewards", "std"], "invalid choice"),
     (["--importance_sampling_level", "word"], "invalid choice"),
+    (["--loss_type", "cispo", "--delta", "4"], "--delta has no effect with --loss_type cispo"),
+    (["--loss_type", "sapo", "--epsilon_high", "0.28"], "--epsilon_high has no effect with --loss_type sapo"),
+    (["--loss_type", "sapo", "--epsilon", "0.3"], "--epsilon has no effect"),
+    (["--sapo_temperature_neg", "2"], "--sapo_temperature_neg has no effect with --loss_type grpo"),
+    (["--delta", "1.2"], "must be above 1 + epsilon_high = 1.2"),
+    (["--delta", "1.25", "--epsilon_high", "0.28"], "must be above 1 + epsilon_high = 1.28"),
+    (["--use_bias_correction_kl", "--beta", "0"], "--beta 0 has none"),
+    (["--off_policy_mask_threshold", "0"], "positive"),
 ])
 def test_bad_flag_values_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
