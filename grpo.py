@@ -778,11 +778,14 @@ def step_line(record: dict, total_steps: int, time_left: str) -> str:
 
 
 def details_line(record: dict) -> str:
-    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times."""
-    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} clip low {record['clip_ratio_low']:.3f} "
-            f"high {record['clip_ratio_high']:.3f} zero-std {record['frac_reward_zero_std']:.2f} truncated "
-            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s "
-            f"update {record['update_seconds']:.1f}s")
+    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times; cispo's
+    capped share stands in for the clip ratios, and the off-policy mask's dropped share is shown when it is on."""
+    clip = (f"capped {record['cispo_clip_ratio']:.3f}" if "cispo_clip_ratio" in record else
+            f"clip low {record['clip_ratio_low']:.3f} high {record['clip_ratio_high']:.3f}")
+    dropped = f" drop {record['off_policy_masked']:.2f}" if "off_policy_masked" in record else ""
+    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} {clip} zero-std "
+            f"{record['frac_reward_zero_std']:.2f} trunc {record['truncated_ratio']:.2f}{dropped} rollout "
+            f"{record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
 
 
 def print_run_summary(history: list[dict], device: torch.device) -> None:

@@ -1006,7 +1006,8 @@ def test_the_step_lines_fit_a_120_column_terminal():
                  clip_ratio_low=1.0, clip_ratio_high=1.0, frac_reward_zero_std=1.0, truncated_ratio=1.0,
                  rollout_seconds=9999.9, update_seconds=2345.6)
     assert len(grpo.step_line(worst, 500, "99:59:59")) <= 120
-    assert len(grpo.details_line(worst)) <= 120
+    for shown in ({}, {"off_policy_masked": 1.0}, {"cispo_clip_ratio": 1.0, "off_policy_masked": 1.0}):
+        assert len(grpo.details_line({**worst, **shown})) <= 120
 
 
 def test_the_summary_shows_the_first_and_last_step_and_the_time(capsys):
