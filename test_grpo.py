@@ -1753,8 +1753,10 @@ def _torchrun(flags, timeout=180):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [[], ["--loss_type", "dapo", "--scale_rewards", "batch", "--epsilon_high", "0.28"]],
-                         ids=["grpo", "dapo_batch_scaled"])
+@pytest.mark.parametrize("variant", [[], ["--loss_type", "dapo", "--scale_rewards", "batch", "--epsilon_high", "0.28"],
+                                     ["--loss_type", "cispo", "--epsilon_high", "0.1", "--use_bias_correction_kl",
+                                      "--off_policy_mask_threshold", "0.02"]],
+                         ids=["grpo", "dapo_batch_scaled", "cispo_unbiased_kl_mask"])
 def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_outputs(tiny_dir, tmp_path, variant):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
     held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(45)[40:])
@@ -1764,6 +1766,8 @@ def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_ou
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["reward"] for m in two] == [m["reward"] for m in one]  # the same completions, step by step
+    if "cispo" in variant:  # its diagnostics reach metrics.jsonl, and the cap and the mask acted
+        assert one[0]["cispo_clip_ratio"] > 0 and one[0]["off_policy_masked"] > 0
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert torch.allclose(_weights(tmp_path / "two"), _weights(tmp_path / "one"), atol=1e-5)
