@@ -1423,6 +1423,8 @@ TOY_VARIANTS = {
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "none"},
     "dapo": {"loss_type": "dapo", "epsilon_high": 0.28, "mask_truncated_completions": True},
     "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 4.0},  # the cap 5: ScaleRL's, TRL's recommended epsilon_high 5.0
+    "sapo": {"loss_type": "sapo"},
 }
 
 
