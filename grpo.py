@@ -452,7 +452,8 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
     if loss_type == "cispo":  # the capped ratio, detached, weighs the gradient of log pi_theta
         surrogate = torch.clamp(ratio, max=1.0 + epsilon_high).detach() * advantages * log_probs  # (N, T)
     elif loss_type == "sapo":  # a smooth gate in place of the clip; a separate temperature for A <= 0
-        tau = torch.full_like(advantages, sapo_temperature_neg).masked_fill(advantages > 0, sapo_temperature_pos)
+        tau = torch.full_like(advantages, sapo_temperature_neg)  # (N, 1): tau_neg for A <= 0
+        tau = tau.masked_fill(advantages > 0, sapo_temperature_pos)  # (N, 1): tau_pos for A > 0
         surrogate = (torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages).expand_as(log_probs)  # (N, T)
     else:
         unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * advantages  # (N, T) or (N, 1)
@@ -469,9 +470,9 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
         kl = kl * ratio  # (N, T)
     objective = surrogate - beta * kl  # (N, T)
     loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
-    hard_clip = loss_type not in ("cispo", "sapo")  # the clipped min is what drops a token's gradient
-    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0) & hard_clip).expand_as(mask).to(mask.dtype)  # (N, T)
-    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0) & hard_clip).expand_as(mask).to(mask.dtype)
+    clips = loss_type not in ("cispo", "sapo")  # only the clipped min drops a token's gradient
+    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0) & clips).expand_as(mask).to(mask.dtype)  # (N, T)
+    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0) & clips).expand_as(mask).to(mask.dtype)  # (N, T)
     per_token = {"kl": kl.detach(), "clip_ratio_low": clipped_low, "clip_ratio_high": clipped_high}  # (N, T) each
     if loss_type == "cispo":
         per_token["cispo_clip_ratio"] = (ratio > 1.0 + epsilon_high).expand_as(mask).to(mask.dtype)  # (N, T)
