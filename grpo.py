@@ -8,7 +8,8 @@ that keeps the policy near a frozen reference model. Which GRPO this is (each se
     loss  = -(1/G) sum_i (1/|o_i|) sum_t [min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon) A_i) - beta KL_t]
     rho_t = pi_theta(o_t) / pi_old(o_t), pi_old the policy that sampled the batch (mu updates per batch);
     KL_t  the k3 estimate of KL(pi_theta || pi_ref); |o_i| counts the tokens up to and including the first EOS
-The family since then changes one piece each, one flag each: Dr. GRPO, DAPO, GSPO (see grpo_loss).
+The family since then changes one piece each, one flag each (see grpo_loss): Dr. GRPO, DAPO, GSPO, and for the
+off-policy updates after the first of mu, CISPO, SAPO, two-sided clipping and DeepSeek-V3.2's KL and mask.
 
 The lesson is sections 1-8, in order: GRPO and nothing else.
     1. prompts and answer extraction      4. per-token log-probs and the mask   7. evaluation
@@ -279,32 +280,38 @@ def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
 
 
+# The loss types that average over all the step's tokens (TRL's "dapo" and "cispo"); the others over sequences.
+TOKEN_MEAN_LOSSES = ("dapo", "cispo")
+
+
 def reduce_per_token(values: torch.Tensor, mask: torch.Tensor, loss_type: str,
                      max_completion_length: int | None = None) -> torch.Tensor:
     """One number from per-token values (N, T) under mask (N, T), the way loss_type averages them:
         "grpo"     mean_i [ sum_t mask_it v_it / sum_t mask_it ]   each completion weighs the same, so
-                   a token of a long completion counts less (DeepSeekMath)
+                   a token of a long completion counts less (DeepSeekMath); "sapo" too (as TRL)
         "dapo"     sum_it mask_it v_it / sum_it mask_it            every token weighs the same (DAPO,
-                   arXiv 2503.14476); TRL's default
+                   arXiv 2503.14476); TRL's default; "cispo" too (as TRL): TOKEN_MEAN_LOSSES
         "dr_grpo"  sum_it mask_it v_it / (N * max_completion_length)   a constant divisor: no length
                    bias at all (Dr. GRPO, arXiv 2503.20783)
-    Copy with: import torch; masked_sequence_mean.
+    Copy with: import torch; masked_sequence_mean, TOKEN_MEAN_LOSSES.
     """
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return masked_sequence_mean(values, mask)
-    if loss_type == "dapo":
+    if loss_type in TOKEN_MEAN_LOSSES:
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it")
         return (values * mask).sum() / (mask.size(0) * max_completion_length)
-    raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+    raise ValueError(f"loss_type must be 'grpo', 'dapo', 'dr_grpo', 'cispo' or 'sapo', got {loss_type!r}")
 
 
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_probs: torch.Tensor | None,
               advantages: torch.Tensor, completion_mask: torch.Tensor, beta: float, epsilon: float,
               epsilon_high: float | None = None, loss_type: str = "grpo", importance_sampling_level: str = "token",
-              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+              max_completion_length: int | None = None, delta: float | None = None, sapo_temperature_pos: float = 1.0,
+              sapo_temperature_neg: float = 1.05, use_bias_correction_kl: bool = False,
+              off_policy_mask_threshold: float | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective with a k3 KL penalty, negated so that minimising it is ascent.
 
     Per token t of completion i, with p = log pi_theta, p_old = log pi_old, q = log pi_ref:
@@ -321,14 +328,35 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
                                    s_i = exp( sum_t mask_it (p - p_old) / sum_t mask_it ), one ratio for
                                    the whole sequence, in both terms of the min; the KL stays per token
         loss_type                  how obj_t is averaged: "grpo" as above, "dapo" over all tokens,
-                                   "dr_grpo" over N * max_completion_length (see reduce_per_token)
+                                   "dr_grpo" over N * max_completion_length (see reduce_per_token);
+                                   "cispo" (averaged as "dapo") and "sapo" (as "grpo") change surr, below
+    The rest act where rho != 1: in the updates after the first of mu (mu > 1), off-policy. At rho = 1 cispo's and
+    sapo's surr have GRPO's gradient and delta and the mask do nothing; the unbiased KL changes the KL's gradient
+    even there. sg() is a stop-gradient (detach); at sequence level s_i stands in for rho throughout.
+        loss_type "cispo"          MiniMax-M1 (arXiv 2506.13585): surr = sg(min(rho, 1 + epsilon_high)) * A_i * p:
+                                   the capped ratio only weighs the gradient of p, so no token loses its gradient
+                                   to the clip (epsilon is unused; the loss's value is no ratio). The cap is the
+                                   paper's 1 + epsilon_high; TRL's is epsilon_high itself (TRL's 5.0 is 4.0 here)
+        loss_type "sapo"           SAPO (arXiv 2511.20347): surr = sigmoid(tau (rho - 1)) * 4 / tau * A_i, tau =
+                                   sapo_temperature_pos if A_i > 0 else sapo_temperature_neg: a smooth trust region,
+                                   the gradient 4 s (1 - s) rho A_i grad p (s the sigmoid) fading as rho leaves 1
+        delta                      INTELLECT-2 (arXiv 2505.07291), in the clipped min: surr = min(min(rho, delta)
+                                   * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i), so a token with A_i < 0
+                                   and a huge rho counts delta * A_i, not rho * A_i, and gets no gradient
+        use_bias_correction_kl     DeepSeek-V3.2 (arXiv 2512.02556): KL = rho * k3, rho with its gradient (as TRL):
+                                   the tokens were sampled from pi_old, and E_old[rho k3] = E_theta[k3]
+        off_policy_mask_threshold  DeepSeek-V3.2: surr = 0 for completion i if A_i < 0 and
+                                   sum_t mask_it (p_old - sg(p)) / sum_t mask_it > threshold (a bad completion the
+                                   policy has already moved away from); its KL and the divisors stay (paper, TRL)
 
     log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
     beta == 0); advantages: (N, 1); completion_mask: (N, T). Returns the scalar loss and detached
-    metrics, means over sequences of per-sequence token means: kl; clip_ratio_low / _high, the share
-    of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which
-    get no gradient from the surrogate; clip_ratio, their sum.
-    Copy with: import torch; reduce_per_token, masked_sequence_mean.
+    metrics, means over sequences of per-sequence token means: kl (as it enters the loss); clip_ratio_low /
+    _high, the share of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high,
+    A > 0), which get no gradient from the surrogate (0 for cispo and sapo, which drop none); clip_ratio, their
+    sum; for cispo, cispo_clip_ratio: the share of tokens whose weight was capped (rho > 1 + epsilon_high, any
+    A; TRL counts A > 0 only); with the mask, off_policy_masked: the share of completions dropped.
+    Copy with: import torch; reduce_per_token, masked_sequence_mean, TOKEN_MEAN_LOSSES.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
     assert advantages.shape == (log_probs.size(0), 1), "advantages must be (N, 1)"
@@ -342,18 +370,37 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
     elif importance_sampling_level != "token":
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
-    unclipped = ratio * advantages  # (N, T) or (N, 1)
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
-    surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
+    if loss_type == "cispo":  # the capped ratio, detached, weighs the gradient of log pi_theta
+        surrogate = torch.clamp(ratio, max=1.0 + epsilon_high).detach() * advantages * log_probs  # (N, T)
+    elif loss_type == "sapo":  # a smooth gate in place of the clip; a separate temperature for A <= 0
+        tau = torch.full_like(advantages, sapo_temperature_neg)  # (N, 1): tau_neg for A <= 0
+        tau = tau.masked_fill(advantages > 0, sapo_temperature_pos)  # (N, 1): tau_pos for A > 0
+        surrogate = (torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * advantages).expand_as(log_probs)  # (N, T)
+    else:
+        unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * advantages  # (N, T) or (N, 1)
+        clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
+        surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
+    if off_policy_mask_threshold is not None:  # how far, on average, p has fallen below p_old on completion i
+        drift = ((old_log_probs - log_probs.detach()) * mask).sum(dim=1, keepdim=True)  # (N, 1)
+        drift = drift / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
+        dropped = (advantages < 0) & (drift > off_policy_mask_threshold)  # (N, 1)
+        surrogate = surrogate * ~dropped  # (N, T)
     log_ratio_ref = ref_log_probs - log_probs if beta != 0.0 else torch.zeros_like(log_probs)  # (N, T): q - p
     kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0  # (N, T), 0 without a reference model
+    if use_bias_correction_kl and beta != 0.0:  # the tokens came from pi_old: weigh each by rho
+        kl = kl * ratio  # (N, T)
     objective = surrogate - beta * kl  # (N, T)
     loss = -reduce_per_token(objective, mask, loss_type, max_completion_length)
-    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0)).expand_as(mask).to(mask.dtype)  # (N, T)
-    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0)).expand_as(mask).to(mask.dtype)  # (N, T)
+    clips = loss_type not in ("cispo", "sapo")  # only the clipped min drops a token's gradient
+    clipped_low = ((ratio < 1.0 - epsilon) & (advantages < 0) & clips).expand_as(mask).to(mask.dtype)  # (N, T)
+    clipped_high = ((ratio > 1.0 + epsilon_high) & (advantages > 0) & clips).expand_as(mask).to(mask.dtype)  # (N, T)
     per_token = {"kl": kl.detach(), "clip_ratio_low": clipped_low, "clip_ratio_high": clipped_high}  # (N, T) each
+    if loss_type == "cispo":
+        per_token["cispo_clip_ratio"] = (ratio > 1.0 + epsilon_high).expand_as(mask).to(mask.dtype)  # (N, T)
     metrics = {name: masked_sequence_mean(values, mask) for name, values in per_token.items()}
     metrics["clip_ratio"] = metrics["clip_ratio_low"] + metrics["clip_ratio_high"]
+    if off_policy_mask_threshold is not None:
+        metrics["off_policy_masked"] = dropped.to(mask.dtype).mean()
     return loss, metrics
 
 
@@ -572,20 +619,20 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
     """Backpropagate the GRPO loss of a whole batch, a micro-batch of sequences at a time.
 
     The loss is an average over the batch, so each micro-batch's loss is weighted by its share of that
-    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo"), its
-    completion tokens / the batch's when it averages over tokens ("dapo"). The gradients accumulated in
-    .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
+    average: n / N for n sequences when the loss averages over sequences ("grpo", "dr_grpo", "sapo"),
+    its completion tokens / the batch's when it averages over tokens (TOKEN_MEAN_LOSSES). The gradients
+    accumulated in .grad are then the full batch's, while only one micro-batch's (n, T, V) logits exist at a time.
     old_log_probs None: the policy has not moved since the rollout (the first of the mu updates), so
     this pass's own detached log-probs are pi_old's (rho = 1), with no extra forward pass.
 
     log_prob_fn(input_ids, attention_mask, T) -> (n, T), with gradient: e.g.
     functools.partial(compute_log_probs, policy, temperature=T); input_ids, attention_mask: (N, P + T);
     completion_mask (the tokens that get a loss), old and ref log-probs: (N, T); advantages: (N, 1);
-    variant: grpo_loss's keywords. batch_tokens: what "dapo" divides by (default completion_mask.sum()).
+    variant: grpo_loss's keywords. batch_tokens: what "dapo", "cispo" divide by (default completion_mask.sum()).
     no_sync: DistributedDataParallel's, to average the gradients once per update, with the last one.
-    Returns this pass's detached log-probs (N, T) and the batch's loss, kl and clip ratios (detached).
+    Returns this pass's detached log-probs (N, T) and the batch's loss and grpo_loss's metrics (detached).
     Copy with: from contextlib import nullcontext; import torch; grpo_loss, reduce_per_token, masked_sequence_mean,
-    micro_batches.
+    TOKEN_MEAN_LOSSES, micro_batches.
     """
     num_sequences, num_completion_tokens = completion_mask.shape  # N, T
     if batch_tokens is None:
@@ -600,12 +647,13 @@ def accumulate_grpo_gradients(log_prob_fn, input_ids: torch.Tensor, attention_ma
             old = log_probs_seen[c] if old_log_probs is None else old_log_probs[c]  # (n, T)
             loss, metrics = grpo_loss(log_probs, old, None if ref_log_probs is None else ref_log_probs[c],
                                       advantages[c], completion_mask[c], beta, epsilon, **variant)
-            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo": of the tokens
-            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if variant.get("loss_type") == "dapo" else share
+            share = (c.stop - c.start) / num_sequences  # of the sequences; "dapo", "cispo": of the tokens
+            token_mean = variant.get("loss_type") in TOKEN_MEAN_LOSSES
+            weight = completion_mask[c].sum() / max(batch_tokens, 1.0) if token_mean else share
             (loss * weight).backward()  # frees this micro-batch's graph before the next one is built
         totals["loss"] += loss.detach() * weight
-        for name, value in metrics.items():
-            totals[name] += value * share
+        for name, value in metrics.items():  # cispo_clip_ratio, off_policy_masked: only where they apply
+            totals[name] = totals.get(name, 0.0) + value * share
     return log_probs_seen, totals
 
 
@@ -645,7 +693,9 @@ def train_with_grpo(
     learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
     micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
     scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
-    importance_sampling_level: str = "token", mask_truncated_completions: bool = False,
+    importance_sampling_level: str = "token", mask_truncated_completions: bool = False, delta: float | None = None,
+    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, use_bias_correction_kl: bool = False,
+    off_policy_mask_threshold: float | None = None,
     eval_examples: list[dict] = (), eval_steps: int = 0, eval_batch_size: int = 32,
     parallel: Parallel | None = None, run: RunControl | None = None,
 ) -> list[dict]:
@@ -667,7 +717,9 @@ def train_with_grpo(
     eos_ids = end_of_sequence_ids(policy, tokenizer)
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
     variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                   max_completion_length=max_completion_length)  # grpo_loss's variant arguments
+                   max_completion_length=max_completion_length, delta=delta, sapo_temperature_pos=sapo_temperature_pos,
+                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
+                   off_policy_mask_threshold=off_policy_mask_threshold)  # grpo_loss's variant arguments
     total_steps, history = num_iterations * num_steps, []
     first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # C: = 0, None (new run)
 
@@ -952,8 +1004,8 @@ class Parallel:
         """accumulate_grpo_gradients(partial(compute_log_probs, policy, temperature=temperature), ...) on this
         process's rows, with the in-place backward (engineering A) and DistributedDataParallel under torchrun:
         the log-probs of all N rows (N, T), the loss and metrics as floats averaged over the processes.
-        Each process averages its loss over its rows ("dapo": over the step's tokens / world_size) and DDP
-        averages the gradients, so the update is the single-process full-batch one."""
+        Each process averages its loss over its rows (TOKEN_MEAN_LOSSES: over the step's tokens / world_size)
+        and DDP averages the gradients, so the update is the single-process full-batch one."""
         if self.world_size > 1 and self.trained is None:
             self.trained = nn.parallel.DistributedDataParallel(
                 policy, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -995,11 +1047,14 @@ def step_line(record: dict, total_steps: int, time_left: str) -> str:
 
 
 def details_line(record: dict) -> str:
-    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times."""
-    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} clip low {record['clip_ratio_low']:.3f} "
-            f"high {record['clip_ratio_high']:.3f} zero-std {record['frac_reward_zero_std']:.2f} truncated "
-            f"{record['truncated_ratio']:.2f} rollout {record['rollout_seconds']:.1f}s "
-            f"update {record['update_seconds']:.1f}s")
+    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times; cispo's
+    capped share stands in for the clip ratios, and the off-policy mask's dropped share is shown when it is on."""
+    clip = (f"capped {record['cispo_clip_ratio']:.3f}" if "cispo_clip_ratio" in record else
+            f"clip low {record['clip_ratio_low']:.3f} high {record['clip_ratio_high']:.3f}")
+    dropped = f" drop {record['off_policy_masked']:.2f}" if "off_policy_masked" in record else ""
+    return (f"  loss {record['loss']:+.4f} grad {record['grad_norm']:.3f} {clip} zero-std "
+            f"{record['frac_reward_zero_std']:.2f} trunc {record['truncated_ratio']:.2f}{dropped} rollout "
+            f"{record['rollout_seconds']:.1f}s update {record['update_seconds']:.1f}s")
 
 
 def print_run_summary(history: list[dict], device: torch.device) -> None:
@@ -1328,8 +1383,9 @@ def load_model_and_tokenizer(name: str, device: torch.device):
 # (learning rate, weight decay, gradient clipping, num_steps, evaluation, saving, logging, memory) take effect.
 FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_size", "num_generations", "mu",
                    "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high", "loss_type",
-                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions", "sft_steps",
-                   "sft_batch_size", "sft_learning_rate")
+                   "scale_rewards", "importance_sampling_level", "mask_truncated_completions", "delta",
+                   "sapo_temperature_pos", "sapo_temperature_neg", "use_bias_correction_kl",
+                   "off_policy_mask_threshold", "sft_steps", "sft_batch_size", "sft_learning_rate")
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
@@ -1600,17 +1656,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
 
     g = parser.add_argument_group("GRPO variants, with TRL's names (the defaults are DeepSeekMath's GRPO)")
-    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="grpo = mean over "
-                   "completions of their token means; dapo = mean over all tokens; dr_grpo = sum / (N * max length)")
+    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo", "cispo", "sapo"],
+                   help="grpo = mean over completions of their token means; dapo = mean over all tokens; dr_grpo = sum "
+                   "/ (N * max length); cispo (MiniMax-M1) = the capped ratio, detached, weighs log pi (mean over all "
+                   "tokens); sapo = a smooth sigmoid gate in place of the clip (mean over completions)")
     g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage = (r - "
                    "group mean) / (group std + 1e-4), / (std of the step's rewards + 1e-4), or none (Dr. GRPO)")
-    g.add_argument("--epsilon_high", type=positive_float, default=None,
-                   help="DAPO's clip-higher: ratio kept in [1-epsilon, 1+epsilon_high] (DAPO: 0.28); None: --epsilon")
+    g.add_argument("--epsilon_high", type=positive_float, default=None, help="DAPO's clip-higher: ratio kept in "
+                   "[1-epsilon, 1+epsilon_high] (DAPO: 0.28); cispo: the weight's cap is 1+epsilon_high, the paper's "
+                   "(TRL's cap is epsilon_high itself: its 5.0 is 4.0 here); None: --epsilon")
     g.add_argument("--importance_sampling_level", default="token", choices=["token", "sequence"],
                    help="sequence = GSPO's exp(mean log-ratio of a completion) for all its tokens (with --epsilon "
                         "3e-4 --epsilon_high 4e-4)")
     g.add_argument("--mask_truncated_completions", action=argparse.BooleanOptionalAction, default=False,
                    help="DAPO's overlong filtering: no loss for a completion cut at --max_completion_length")
+    g.add_argument("--delta", type=positive_float, default=None, help="INTELLECT-2's two-sided clipping (grpo, dapo, "
+                   "dr_grpo): the unclipped ratio capped at delta, above 1+epsilon_high (INTELLECT-2: 4); None: off")
+    g.add_argument("--sapo_temperature_pos", type=positive_float, default=1.0, help="sapo's tau for A > 0 in the gate "
+                   "sigmoid(tau (ratio - 1)) * 4 / tau: larger = the gradient fades sooner as the ratio leaves 1")
+    g.add_argument("--sapo_temperature_neg", type=positive_float, default=1.05, help="sapo's tau for A <= 0")
+    g.add_argument("--use_bias_correction_kl", action=argparse.BooleanOptionalAction, default=False,
+                   help="DeepSeek-V3.2's unbiased KL: the k3 term times the ratio (needs --beta > 0); TRL's default is "
+                   "on, off here as in the seed's GRPO")
+    g.add_argument("--off_policy_mask_threshold", type=positive_float, default=None, help="DeepSeek-V3.2's mask: no "
+                   "policy loss for a completion with A < 0 whose mean (log pi_old - log pi) is above this (TRL's "
+                   "example: 0.5); None: off")
 
     g = parser.add_argument_group("cold start: supervised steps before GRPO (DeepSeek-R1)")
     g.add_argument("--sft_steps", type=non_negative_int, default=0, help="steps on the training set's worked "
@@ -1649,9 +1719,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, checked: a bad value or combination exits with status 2 and a one-line message."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.epsilon_high is not None and args.epsilon_high < args.epsilon:
+    unused = {"cispo": ["epsilon", "delta"], "sapo": ["epsilon", "epsilon_high", "delta"]}.get(args.loss_type, [])
+    unused += [] if args.loss_type == "sapo" else ["sapo_temperature_pos", "sapo_temperature_neg"]
+    given = [name for name in unused if getattr(args, name) != parser.get_default(name)]
+    if given:
+        parser.error(f"--{given[0]} has no effect with --loss_type {args.loss_type} (cispo's one knob is its cap, "
+                     "1 + --epsilon_high; sapo's are --sapo_temperature_pos/_neg; --delta is for grpo, dapo, dr_grpo)")
+    if args.epsilon_high is not None and args.epsilon_high < args.epsilon and args.loss_type != "cispo":
         parser.error(f"--epsilon_high {args.epsilon_high} is below --epsilon {args.epsilon}: clip-higher widens "
                      "the range above 1 (DAPO: --epsilon 0.2 --epsilon_high 0.28)")
+    high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if args.delta is not None and args.delta <= 1.0 + high:
+        parser.error(f"--delta {args.delta:g} must be above 1 + epsilon_high = {1.0 + high:g}: it caps the ratio "
+                     "beyond the clip range, not inside it (INTELLECT-2: --delta 4 with --epsilon 0.2)")
+    if args.use_bias_correction_kl and args.beta == 0.0:
+        parser.error("--use_bias_correction_kl weighs the KL term, and --beta 0 has none: drop one of the two")
     if args.resume_from and args.overwrite_output_dir:
         parser.error("--resume_from carries a run on and --overwrite_output_dir starts it again: choose one")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun

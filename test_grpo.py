@@ -577,7 +577,8 @@ def test_grpo_loss_matches_hand_computation():
     assert metrics["kl"].item() > 0
 
 
-def _hand_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, level, max_len):
+def _hand_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, level, max_len, delta=None,
+               use_bias_correction_kl=False, off_policy_mask_threshold=None, tau=(1.0, 1.05)):
     """The GRPO family's loss written token by token from the papers' formulas, with scalar tensor
     arithmetic so that autograd gives its gradient with respect to logp (an (N, T) float64 leaf)."""
     n_seq, n_tok = len(mask), len(mask[0])
@@ -585,15 +586,25 @@ def _hand_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, le
     for i in range(n_seq):
         length = max(sum(mask[i]), 1)
         sequence_ratio = torch.exp(sum(mask[i][t] * (logp[i, t] - old[i][t]) for t in range(n_tok)) / length)
+        drift = sum(mask[i][t] * (old[i][t] - logp[i, t].item()) for t in range(n_tok)) / length  # DeepSeek-V3.2
+        kept = off_policy_mask_threshold is None or adv[i] >= 0 or drift <= off_policy_mask_threshold
         for t in range(n_tok):
             ratio = sequence_ratio if level == "sequence" else torch.exp(logp[i, t] - old[i][t])
-            clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-            surrogate = torch.minimum(ratio * adv[i], clipped * adv[i])
+            if loss_type == "cispo":  # the weight is a plain number: no gradient flows through it
+                surrogate = min(ratio.item(), 1 + eps_high) * adv[i] * logp[i, t]
+            elif loss_type == "sapo":
+                temperature = tau[0] if adv[i] > 0 else tau[1]
+                surrogate = torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * adv[i]
+            else:
+                capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+                clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+                surrogate = torch.minimum(capped * adv[i], clipped * adv[i])
             kl = torch.exp(ref[i][t] - logp[i, t]) - (ref[i][t] - logp[i, t]) - 1
-            objective[i, t] = mask[i][t] * (surrogate - beta * kl)
-    if loss_type == "grpo":
+            kl = kl * ratio if use_bias_correction_kl else kl
+            objective[i, t] = mask[i][t] * (surrogate * kept - beta * kl)
+    if loss_type in ("grpo", "sapo"):
         total = sum(sum(objective[i, t] for t in range(n_tok)) / max(sum(mask[i]), 1) for i in range(n_seq)) / n_seq
-    elif loss_type == "dapo":
+    elif loss_type in ("dapo", "cispo"):
         total = sum(objective.values()) / sum(map(sum, mask))
     else:  # dr_grpo
         total = sum(objective.values()) / (n_seq * max_len)
@@ -610,24 +621,35 @@ def _variant_loss_and_gradient(logp, old, ref, adv, mask, beta, eps, max_len, **
     return loss, leaf.grad, metrics
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("epsilon_high", [None, 0.28])
-def test_every_loss_variant_matches_hand_computation_in_value_and_gradient(loss_type, level, epsilon_high):
-    logp = [[-1.0, -2.0, -0.5, -0.7], [-0.3, -1.2, -2.2, -0.1], [-0.8, -0.6, -1.9, -1.1]]
-    old = [[-1.4, -1.5, -0.5, -0.9], [-0.9, -0.5, -2.0, -0.4], [-0.5, -0.9, -1.6, -1.3]]
-    ref = [[-0.9, -2.5, -0.4, -0.6], [-0.2, -1.1, -3.0, -0.2], [-0.7, -0.5, -2.0, -1.0]]
-    adv, mask = [1.5, -0.5, 0.8], [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+@pytest.mark.parametrize("term", [{}, {"delta": 4.0}, {"use_bias_correction_kl": True},
+                                  {"off_policy_mask_threshold": 0.25}], ids=["plain", "delta", "unbiased_kl", "mask"])
+def test_every_loss_variant_matches_hand_computation_in_value_and_gradient(loss_type, level, epsilon_high, term):
+    # Row 3 (A < 0) has ratios far from 1 (e^2.2 = 9.0 > delta, e^-2.5) and mean(p_old - p) 0.275 > 0.25:
+    # the mask drops it; row 4 is empty (A < 0, nothing to measure: kept).
+    logp = [[-1.0, -2.0, -0.5, -0.7], [-0.3, -1.2, -2.2, -0.1], [-0.8, -0.6, -1.9, -1.1], [-0.2, -3.0, -1.0, -0.5],
+            [-1.0, -1.0, -1.0, -1.0]]
+    old = [[-1.4, -1.5, -0.5, -0.9], [-0.9, -0.5, -2.0, -0.4], [-0.5, -0.9, -1.6, -1.3], [-2.4, -0.5, -0.2, -0.5],
+           [-0.2, -0.3, -0.4, -0.5]]
+    ref = [[-0.9, -2.5, -0.4, -0.6], [-0.2, -1.1, -3.0, -0.2], [-0.7, -0.5, -2.0, -1.0], [-0.4, -2.6, -1.1, -0.9],
+           [-1.0, -1.0, -1.0, -1.0]]
+    adv, mask = [1.5, -0.5, 0.8, -1.2, -1.0], [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
     beta, eps, max_len = 0.04, 0.2, 6
     hand_leaf = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
-    expected = _hand_loss(hand_leaf, old, ref, adv, mask, beta, eps, epsilon_high or eps, loss_type, level, max_len)
+    expected = _hand_loss(hand_leaf, old, ref, adv, mask, beta, eps, epsilon_high or eps, loss_type, level, max_len,
+                          **term)
     expected.backward()
     loss, gradient, metrics = _variant_loss_and_gradient(logp, old, ref, adv, mask, beta, eps, max_len,
                                                          epsilon_high=epsilon_high, loss_type=loss_type,
-                                                         importance_sampling_level=level)
+                                                         importance_sampling_level=level, **term)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
     assert torch.allclose(gradient, hand_leaf.grad, atol=1e-12)
     assert metrics["clip_ratio"].item() == pytest.approx(metrics["clip_ratio_low"].item() + metrics["clip_ratio_high"].item())
+    assert ("off_policy_masked" in metrics) == ("off_policy_mask_threshold" in term)
+    if "off_policy_mask_threshold" in term:
+        assert metrics["off_policy_masked"].item() == pytest.approx(1 / 5)  # row 3
 
 
 def test_clip_higher_keeps_the_gradient_of_tokens_between_the_two_limits():
@@ -649,6 +671,30 @@ def test_sequence_level_ratio_is_one_number_per_completion():
     assert grpo.grpo_loss(*args)[1]["clip_ratio"].item() > 0
     loss, metrics = grpo.grpo_loss(*args, importance_sampling_level="sequence")
     assert metrics["clip_ratio"].item() == 0.0 and loss.item() == pytest.approx(-1.0)  # s = exp(0) = 1
+
+
+def test_cispo_caps_the_weight_at_1_plus_epsilon_high_and_keeps_every_tokens_gradient():
+    # rho = 1.25, 4 (A > 0) and 4 (A < 0); the cap is 1 + 0.28 (TRL's would be 0.28): the last two are capped.
+    logp = torch.log(torch.tensor([[1.25, 4.0], [4.0, 1.0]])).requires_grad_()
+    loss, metrics = grpo.grpo_loss(logp, torch.zeros(2, 2), None, torch.tensor([[1.0], [-1.0]]),
+                                   torch.tensor([[1, 1], [1, 0]]), 0.0, 0.2, epsilon_high=0.28, loss_type="cispo")
+    loss.backward()
+    # d loss / d p = -min(rho, 1.28) * A / 3, a mean over the 3 tokens (as dapo); no gradient through the weight
+    assert torch.allclose(logp.grad, torch.tensor([[-1.25, -1.28], [1.28, 0.0]]) / 3)
+    assert metrics["cispo_clip_ratio"].item() == pytest.approx((1 / 2 + 1) / 2) and metrics["clip_ratio"].item() == 0
+
+
+def test_the_off_policy_mask_drops_only_negative_completions_past_the_threshold():
+    # mean over the unpadded tokens of p_old - p: 0.5 with A < 0 (at the threshold: kept, the test is strict),
+    # 0.75 with A < 0 (dropped; 0.375 if the padding were counted), 0.5 and 0.75 with A > 0 (kept).
+    logp = torch.full((4, 2), -1.0, requires_grad=True)
+    old = torch.tensor([[-0.5, -0.5], [-0.25, -1.0], [-0.5, -0.5], [-0.25, -0.25]])
+    advantages, mask = torch.tensor([[-1.0], [-1.0], [1.0], [1.0]]), torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
+    loss, metrics = grpo.grpo_loss(logp, old, None, advantages, mask, 0.0, 0.2, loss_type="sapo",
+                                   off_policy_mask_threshold=0.5)
+    loss.backward()
+    assert metrics["off_policy_masked"].item() == 0.25
+    assert (logp.grad[1] == 0).all() and (logp.grad[[0, 2, 3]] != 0).all()
 
 
 def test_kl_is_zero_when_policy_equals_reference():
@@ -891,7 +937,10 @@ def test_batch_indices_cover_each_pass_once_even_when_a_batch_spans_two_passes()
     {"loss_type": "dapo", "epsilon_high": 0.28},
     {"loss_type": "dr_grpo", "max_completion_length": 8},
     {"importance_sampling_level": "sequence"},
-], ids=["grpo", "dapo", "dr_grpo", "gspo"])
+    {"loss_type": "cispo", "epsilon_high": 0.1, "off_policy_mask_threshold": 0.01},  # some capped, one row dropped
+    {"loss_type": "sapo", "use_bias_correction_kl": True},
+    {"delta": 1.3, "use_bias_correction_kl": True, "off_policy_mask_threshold": 0.01},
+], ids=["grpo", "dapo", "dr_grpo", "gspo", "cispo_mask", "sapo_unbiased_kl", "grpo_delta_unbiased_kl_mask"])
 def test_micro_batches_give_the_full_batch_gradient(tiny, variant):
     model, tokenizer = tiny
     torch.manual_seed(0)
@@ -1025,7 +1074,8 @@ def test_the_step_lines_fit_a_120_column_terminal():
                  clip_ratio_low=1.0, clip_ratio_high=1.0, frac_reward_zero_std=1.0, truncated_ratio=1.0,
                  rollout_seconds=9999.9, update_seconds=2345.6)
     assert len(grpo.step_line(worst, 500, "99:59:59")) <= 120
-    assert len(grpo.details_line(worst)) <= 120
+    for shown in ({}, {"off_policy_masked": 1.0}, {"cispo_clip_ratio": 1.0, "off_policy_masked": 1.0}):
+        assert len(grpo.details_line({**worst, **shown})) <= 120
 
 
 def test_the_summary_shows_the_first_and_last_step_and_the_time(capsys):
@@ -1088,6 +1138,8 @@ def test_defaults_follow_the_seed():
     args = grpo.parse_args([])
     assert (args.loss_type, args.scale_rewards, args.epsilon_high, args.importance_sampling_level,
             args.mask_truncated_completions) == ("grpo", "group", None, "token", False)
+    assert (args.delta, args.use_bias_correction_kl, args.off_policy_mask_threshold) == (None, False, None)
+    assert grpo.parse_args(["--loss_type", "cispo", "--epsilon_high", "0.1"]).epsilon_high == 0.1  # no lower clip
     assert (args.num_iterations, args.num_steps, args.num_generations, args.max_completion_length, args.mu,
             args.epsilon) == (1, 500, 4, 400, 3, 0.2)
     assert (args.model_name, args.dataset, args.batch_size, args.beta, args.learning_rate, args.max_grad_norm,
@@ -1111,6 +1163,14 @@ def test_defaults_follow_the_seed():
     (["--loss_type", "ppo"], "invalid choice"),
     (["--scale_rewards", "std"], "invalid choice"),
     (["--importance_sampling_level", "word"], "invalid choice"),
+    (["--loss_type", "cispo", "--delta", "4"], "--delta has no effect with --loss_type cispo"),
+    (["--loss_type", "sapo", "--epsilon_high", "0.28"], "--epsilon_high has no effect with --loss_type sapo"),
+    (["--loss_type", "sapo", "--epsilon", "0.3"], "--epsilon has no effect"),
+    (["--sapo_temperature_neg", "2"], "--sapo_temperature_neg has no effect with --loss_type grpo"),
+    (["--delta", "1.2"], "must be above 1 + epsilon_high = 1.2"),
+    (["--delta", "1.25", "--epsilon_high", "0.28"], "must be above 1 + epsilon_high = 1.28"),
+    (["--use_bias_correction_kl", "--beta", "0"], "--beta 0 has none"),
+    (["--off_policy_mask_threshold", "0"], "positive"),
 ])
 def test_bad_flag_values_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -1435,6 +1495,8 @@ TOY_VARIANTS = {
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "none"},
     "dapo": {"loss_type": "dapo", "epsilon_high": 0.28, "mask_truncated_completions": True},
     "gspo": {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 4.0},  # the cap 5: ScaleRL's, TRL's recommended epsilon_high 5.0
+    "sapo": {"loss_type": "sapo"},
 }
 
 
@@ -1797,8 +1859,10 @@ def _torchrun(flags, timeout=180):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [[], ["--loss_type", "dapo", "--scale_rewards", "batch", "--epsilon_high", "0.28"]],
-                         ids=["grpo", "dapo_batch_scaled"])
+@pytest.mark.parametrize("variant", [[], ["--loss_type", "dapo", "--scale_rewards", "batch", "--epsilon_high", "0.28"],
+                                     ["--loss_type", "cispo", "--epsilon_high", "0.1", "--use_bias_correction_kl",
+                                      "--off_policy_mask_threshold", "0.02"]],
+                         ids=["grpo", "dapo_batch_scaled", "cispo_unbiased_kl_mask"])
 def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_outputs(tiny_dir, tmp_path, variant):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
     held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(45)[40:])
@@ -1808,6 +1872,8 @@ def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_ou
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["reward"] for m in two] == [m["reward"] for m in one]  # the same completions, step by step
+    if "cispo" in variant:  # its diagnostics reach metrics.jsonl, and the cap and the mask acted
+        assert one[0]["cispo_clip_ratio"] > 0 and one[0]["off_policy_masked"] > 0
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert torch.allclose(_weights(tmp_path / "two"), _weights(tmp_path / "one"), atol=1e-5)
