@@ -11,13 +11,13 @@ that keeps the policy near a frozen reference model. Which GRPO this is (each se
 The family since then changes one piece each, one flag each (see grpo_loss): Dr. GRPO, DAPO, GSPO, and for the
 off-policy updates after the first of mu, CISPO, SAPO, two-sided clipping and DeepSeek-V3.2's KL and mask.
 
-The lesson is sections 1-8, in order: GRPO and nothing else.
+The lesson is sections 1-9, in order: GRPO and nothing else.
     1. prompts and answer extraction      4. per-token log-probs and the mask   7. evaluation
-    2. rewards                            5. the GRPO loss                      8. the training loop
-    3. group-relative advantages          6. rollouts: G completions a prompt
-Engineering A-D follow the lesson: memory, exact sampling, several GPUs and processes, logs, checkpoints,
-signals, loading and errors. The lesson never calls into them: they swap their versions in through named
-arguments, and the loop reaches them through a few marked calls. 9. is the command line (--help).
+    2. rewards                            5. the GRPO loss                      8. a cold start (optional)
+    3. group-relative advantages          6. rollouts: G completions a prompt   9. the training loop
+Engineering A-D follow it (memory, exact sampling, GPUs and processes, logs, checkpoints, signals, errors); the
+lesson never calls into them: they come in through named arguments and a few marked calls in the loop.
+10. is the command line (python grpo.py --help).
 
 Shape letters used in comments: B prompts per step, G completions per prompt (num_generations),
 N = B * G sequences, P prompt tokens (left-padded), T completion tokens, V vocabulary size.
@@ -330,9 +330,9 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
         loss_type                  how obj_t is averaged: "grpo" as above, "dapo" over all tokens,
                                    "dr_grpo" over N * max_completion_length (see reduce_per_token);
                                    "cispo" (averaged as "dapo") and "sapo" (as "grpo") change surr, below
-    The rest act where rho != 1: in the updates after the first of mu (mu > 1), off-policy. At rho = 1 cispo's and
-    sapo's surr have GRPO's gradient and delta and the mask do nothing; the unbiased KL changes the KL's gradient
-    even there. sg() is a stop-gradient (detach); at sequence level s_i stands in for rho throughout.
+    The rest act where rho != 1, in the off-policy updates after the first of mu: at rho = 1 cispo's and sapo's surr
+    have GRPO's gradient, delta and the mask do nothing (the unbiased KL still changes the KL's gradient). sg() is a
+    stop-gradient (detach); at sequence level s_i stands in for rho throughout.
         loss_type "cispo"          MiniMax-M1 (arXiv 2506.13585): surr = sg(min(rho, 1 + epsilon_high)) * A_i * p:
                                    the capped ratio only weighs the gradient of p, so no token loses its gradient
                                    to the clip (epsilon is unused; the loss's value is no ratio). The cap is the
@@ -349,13 +349,12 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
                                    sum_t mask_it (p_old - sg(p)) / sum_t mask_it > threshold (a bad completion the
                                    policy has already moved away from); its KL and the divisors stay (paper, TRL)
 
-    log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref is None when
-    beta == 0); advantages: (N, 1); completion_mask: (N, T). Returns the scalar loss and detached
-    metrics, means over sequences of per-sequence token means: kl (as it enters the loss); clip_ratio_low /
-    _high, the share of tokens clipped below (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high,
-    A > 0), which get no gradient from the surrogate (0 for cispo and sapo, which drop none); clip_ratio, their
-    sum; for cispo, cispo_clip_ratio: the share of tokens whose weight was capped (rho > 1 + epsilon_high, any
-    A; TRL counts A > 0 only); with the mask, off_policy_masked: the share of completions dropped.
+    log_probs: (N, T) with gradient; old_log_probs, ref_log_probs: (N, T) without (ref None when beta == 0);
+    advantages: (N, 1); completion_mask: (N, T). Returns the loss and detached metrics, means over sequences of
+    per-sequence token means: kl (as in the loss); clip_ratio_low / _high, the share of tokens clipped below
+    (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which get no gradient (0 for cispo and
+    sapo, which drop none), and clip_ratio, their sum; cispo_clip_ratio (cispo), the share of tokens whose weight
+    was capped (rho > 1 + epsilon_high, any A; TRL's counts A > 0); off_policy_masked, the completions dropped.
     Copy with: import torch; reduce_per_token, masked_sequence_mean, TOKEN_MEAN_LOSSES.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
@@ -478,12 +477,12 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
                    label: str = "eval", generate=sample_sequences) -> dict:
     """Greedy-decoding accuracy on held-out examples, in batches of batch_size prompts.
 
-    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training
-    rewards; lenient_accuracy: the last number anywhere in the completion equals the answer, which
-    credits a right answer given without the tags. generate: as in generate_completions.
-    Copy with: import re, time, torch; build_prompt, SYSTEM_PROMPT, end_of_sequence_ids, sample_sequences,
-    generate_completions, create_completion_mask, decode_completions, correctness_reward, extract_last_number,
-    extract_answer_from_model_output, extract_single_number, numbers_in.
+    strict_accuracy: the <answer> content is right (correctness_reward > 0), the format the training rewards;
+    lenient_accuracy: the last number anywhere in the completion equals the answer, which credits a right answer
+    given without the tags. generate: as in generate_completions. Copy with: import re, time, torch; build_prompt,
+    SYSTEM_PROMPT, end_of_sequence_ids, sample_sequences, generate_completions, create_completion_mask,
+    decode_completions, correctness_reward, extract_last_number, extract_answer_from_model_output,
+    extract_single_number, numbers_in.
     """
     was_training = model.training
     model.eval()
@@ -513,10 +512,9 @@ def evaluate_model(model, tokenizer, examples: list[dict], *, max_new_tokens: in
 # ================================================================================================
 # 8. A cold start: supervised steps on worked solutions, for a model that never earns a reward
 # ================================================================================================
-# GRPO learns only from differences within a group. A model that never writes the <answer> tags earns 0 for
-# every completion: every advantage is 0, and GRPO learns nothing however long it runs. DeepSeek-R1 started its
-# RL from a "cold start": supervised steps on worked solutions written in the format it wanted. Their
-# log-likelihood comes from compute_log_probs, which also scores the policy, pi_old and pi_ref.
+# GRPO learns only from differences within a group: a model that never writes the <answer> tags earns 0 every
+# time, every advantage is 0, and it learns nothing. DeepSeek-R1's RL began from a "cold start": supervised steps
+# on worked solutions in the wanted format, their log-likelihood from compute_log_probs, as for pi, pi_old, pi_ref.
 
 
 def sft_completion(solution: str, answer: str) -> str:
@@ -530,9 +528,8 @@ def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> to
     """Mean negative log-likelihood of n completions after their prompts, each ended by the end-of-turn token:
         loss = -(1 / sum_it m_it) sum_it m_it log pi(o_it | q_i, o_i,<t)
     every token of the batch weighing the same (m: 1 on a completion's tokens and its end-of-turn token, 0 on
-    padding), log pi from compute_log_probs at temperature 1. prompts: build_prompt's texts.
-    Copy with: import torch; selective_log_softmax, compute_log_probs.
-    """
+    padding), at temperature 1. prompts: build_prompt's texts. Copy with: import torch; selective_log_softmax,
+    compute_log_probs."""
     device = next(model.parameters()).device
     prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     target = tokenizer([text + tokenizer.eos_token for text in completions], return_tensors="pt", padding=True,
@@ -547,11 +544,9 @@ def sft_loss(model, tokenizer, prompts: list[str], completions: list[str]) -> to
 def cold_start(model, tokenizer, examples: list[dict], *, steps: int, batch_size: int, learning_rate: float,
                seed: int) -> list[float]:
     """`steps` AdamW steps on sft_loss, batch_size examples ("question", "answer", "solution") each, in a seeded
-    random order; returns the losses. Its AdamW is dropped at the end and GRPO starts a fresh one: the supervised
-    gradients, far larger than GRPO's, would leave second moments that damp GRPO's first hundreds of updates.
-    Copy with: import re, torch; build_prompt, SYSTEM_PROMPT, sft_completion, sft_loss, selective_log_softmax,
-    compute_log_probs.
-    """
+    random order; returns the losses. Its AdamW is dropped at the end: GRPO's fresh one is not damped by the second
+    moments of the far larger supervised gradients. Copy with: import re, torch; build_prompt, SYSTEM_PROMPT,
+    sft_completion, sft_loss, selective_log_softmax, compute_log_probs."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     model.train()
@@ -691,35 +686,28 @@ def train_with_grpo(
     num_iterations: int = 1, num_steps: int = 500, batch_size: int = 7, num_generations: int = 4, mu: int = 3,
     max_completion_length: int = 400, temperature: float = 1.0, beta: float = 0.04, epsilon: float = 0.2,
     learning_rate: float = 5e-6, weight_decay: float = 0.01, max_grad_norm: float = 0.1,
-    micro_batch_size: int = 4, bf16: bool = True, seed: int = 42,
-    scale_rewards: str = "group", loss_type: str = "grpo", epsilon_high: float | None = None,
-    importance_sampling_level: str = "token", mask_truncated_completions: bool = False, delta: float | None = None,
-    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, use_bias_correction_kl: bool = False,
-    off_policy_mask_threshold: float | None = None,
-    eval_examples: list[dict] = (), eval_steps: int = 0, eval_batch_size: int = 32,
-    parallel: Parallel | None = None, run: RunControl | None = None,
+    micro_batch_size: int = 4, bf16: bool = True, seed: int = 42, scale_rewards: str = "group",
+    mask_truncated_completions: bool = False, eval_examples: list[dict] = (), eval_steps: int = 0,
+    eval_batch_size: int = 32, parallel: Parallel | None = None, run: RunControl | None = None, **variant,
 ) -> list[dict]:
     """Train `policy` in place with GRPO; returns one metrics dict per step.
 
     num_iterations outer iterations, each starting with a fresh reference model copied from the policy;
     num_steps steps of batch_size prompts x num_generations completions; mu AdamW updates per step, pi_old
     being the policy that sampled the step's completions; micro_batch_size sequences per forward/backward
-    pass; bf16: autocast and a bf16 reference model, on GPU only. The variants: compute_group_advantages
-    and grpo_loss, and mask_truncated_completions (DAPO: no loss for a completion cut at the limit).
+    pass; bf16: autocast and a bf16 reference model, on GPU only. The later GRPOs: scale_rewards (see
+    compute_group_advantages), mask_truncated_completions (DAPO: no loss for a completion cut at the limit) and
+    variant, grpo_loss's keywords (loss_type, epsilon_high, importance_sampling_level, delta, ...), passed on.
     eval_steps: every this many steps, evaluate_model on eval_examples (0: never), kept in the step's record.
-    parallel (engineering B) spreads the work out; run (engineering C) logs, saves, resumes and stops. Each
-    marked call in the loop says the lesson's one-process call it stands for.
-    """
+    parallel (engineering B) spreads the work out, run (engineering C) logs, saves, resumes and stops: each
+    marked call in the loop says the lesson's one-process call it stands for."""
     device = next(policy.parameters()).device
     amp_dtype = torch.bfloat16 if bf16 and device.type == "cuda" else None
     parallel = parallel or Parallel(device=device, autocast_dtype=amp_dtype)  # engineering B: one process
     run = run or RunControl()  # engineering C: print only, no files
     eos_ids = end_of_sequence_ids(policy, tokenizer)
     optimizer = make_optimizer(policy, learning_rate, weight_decay, device)
-    variant = dict(epsilon_high=epsilon_high, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                   max_completion_length=max_completion_length, delta=delta, sapo_temperature_pos=sapo_temperature_pos,
-                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
-                   off_policy_mask_threshold=off_policy_mask_threshold)  # grpo_loss's variant arguments
+    variant["max_completion_length"] = max_completion_length  # what grpo_loss's "dr_grpo" divides by
     total_steps, history = num_iterations * num_steps, []
     first_step, reference = run.start(optimizer, policy, amp_dtype, beta, total_steps, mu)  # C: = 0, None (new run)
 
@@ -1029,7 +1017,6 @@ class Parallel:
 # A real run takes hours. It must say how it is doing, survive being stopped (Ctrl-C, a pre-empted job), carry on
 # exactly where it stopped, and not let one NaN destroy the weights. Checkpoints are output_dir/checkpoint-{step}.
 CHECKPOINT_PREFIX = "checkpoint-"
-NO_SIGNAL_STEPS = 3  # steps in a row without any advantage before the log says that GRPO cannot learn
 
 
 def eta(step_seconds: list[float], steps_left: int) -> str:
@@ -1047,8 +1034,8 @@ def step_line(record: dict, total_steps: int, time_left: str) -> str:
 
 
 def details_line(record: dict) -> str:
-    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times; cispo's
-    capped share stands in for the clip ratios, and the off-policy mask's dropped share is shown when it is on."""
+    """Every log_completions_steps steps, a second line (at most 120 characters): diagnostics and times (cispo's
+    capped share in place of the clip shares, which are 0 for it; the off-policy mask's dropped share when on)."""
     clip = (f"capped {record['cispo_clip_ratio']:.3f}" if "cispo_clip_ratio" in record else
             f"clip low {record['clip_ratio_low']:.3f} high {record['clip_ratio_high']:.3f}")
     dropped = f" drop {record['off_policy_masked']:.2f}" if "off_policy_masked" in record else ""
@@ -1188,7 +1175,7 @@ class RunControl:
     save_total_limit: int = 2
     max_bad_steps: int = 3  # stop after this many steps in a row with a skipped non-finite update
     log_completions_steps: int = 0
-    resume: dict | None = None  # load_training_state() of the checkpoint to carry on from
+    resume: dict | None = None  # load_training_state() of the checkpoint to carry on from (let go of once used)
     stop: StopRequest = field(default_factory=StopRequest)
     parallel: Parallel = field(default_factory=Parallel)  # under torchrun: all processes stop and save together
     bad_steps: int = 0  # steps in a row with a skipped update
@@ -1240,12 +1227,12 @@ class RunControl:
             print(f"  SKIPPED {skipped}/{self.mu} non-finite updates of step {step} (the loss or gradient norm "
                   "was NaN/inf)", flush=True)
         self.flat_steps = self.flat_steps + 1 if record["frac_reward_zero_std"] == 1.0 else 0
-        if self.flat_steps == NO_SIGNAL_STEPS:  # said once per such stretch, at its third step
-            print(f"  NO LEARNING SIGNAL: for {self.flat_steps} steps every group's rewards were equal (reward "
-                  f"{record['reward']:.2f}, truncated {record['truncated_ratio']:.0%}), so every advantage is 0 and "
-                  "GRPO learns nothing; a model that never earns a reward needs a cold start (--sft_steps 16), or "
-                  "try more completions per prompt (--num_generations), a longer --max_completion_length if they "
-                  "are cut, or a larger model", flush=True)
+        if self.flat_steps == 3:  # said once per such stretch, at its third step
+            print(f"  NO LEARNING SIGNAL: for 3 steps every group's rewards were equal (reward {record['reward']:.2f}, "
+                  f"truncated {record['truncated_ratio']:.0%}), so every advantage is 0 and GRPO learns nothing; a "
+                  "model that never earns a reward needs a cold start (--sft_steps 16), or try more completions per "
+                  "prompt (--num_generations), a longer --max_completion_length if they are cut, or a larger model",
+                  flush=True)
         if self.log_completions_steps and step % self.log_completions_steps == 0:
             question, text, answer, reward = sample
             print(f"{details_line(record)}\n--- sample (reward {reward:.1f}, answer {answer}) ---\n{question}\n"
@@ -1495,8 +1482,7 @@ class Session:
             self.evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
         self.stop.where, self.resumed = f"before step {resume['step'] + 1 if resume else 1}", resume is not None
         flags = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(RunControl)}}  # save_steps, ...
-        self.run = RunControl(**flags, resume=resume, stop=self.stop, parallel=parallel,  # lets go of resume once used
-                              evaluation=self.evaluation)
+        self.run = RunControl(**flags, resume=resume, stop=self.stop, parallel=parallel, evaluation=self.evaluation)
         return policy, tokenizer, train_examples, eval_examples
 
     def evaluate(self, when: str, policy, tokenizer, examples: list[dict]) -> None:
@@ -1616,7 +1602,7 @@ def build_parser() -> argparse.ArgumentParser:
     torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
     python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
         --max_completion_length 32 --eval_size 4                    # CPU smoke run
-    python grpo.py --loss_type dapo --epsilon_high 0.28 --mask_truncated_completions   # DAPO (README: the family)"""
+"""
     parser = argparse.ArgumentParser(description="GRPO fine-tuning of a chat model on GSM8K (see the module "
                                      "docstring).", formatter_class=_HelpFormatter, epilog=examples)
     g = parser.add_argument_group("model and data")
@@ -1686,14 +1672,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft_steps", type=non_negative_int, default=0, help="steps on the training set's worked "
                    "solutions written in the rewarded format, for a model that never earns a reward; 0 = none")
     g.add_argument("--sft_batch_size", type=positive_int, default=8, help="examples per cold-start step")
-    g.add_argument("--sft_learning_rate", type=positive_float, default=5e-5,
-                   help="learning rate of the cold start's own AdamW (GRPO starts a fresh one)")
+    g.add_argument("--sft_learning_rate", type=positive_float, default=5e-5, help="its own AdamW's learning rate")
 
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval_size", type=non_negative_int, default=100, help="held-out examples scored before and "
-                   "after training (and after a cold start); 0 = skip evaluation")
-    g.add_argument("--eval_steps", type=non_negative_int, default=0,
-                   help="also score them every this many GRPO steps, a held-out curve; 0 = never")
+    g = parser.add_argument_group("evaluation: before and after training (and after a cold start)")
+    g.add_argument("--eval_size", type=non_negative_int, default=100, help="held-out questions each time; 0 = none")
+    g.add_argument("--eval_steps", type=non_negative_int, default=0, help="and every this many steps; 0 = never")
     g.add_argument("--eval_batch_size", type=positive_int, default=32, help="prompts per greedy generate call")
 
     g = parser.add_argument_group("output, checkpoints and faults")
@@ -1756,12 +1739,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         policy, tokenizer, train_examples, eval_examples = session.load()
         session.evaluate("before", policy, tokenizer, eval_examples)
         if args.sft_steps and not session.resumed:  # a resumed run's checkpoint holds the cold-started weights
-            session.stop.where = "during the cold start (nothing is saved before GRPO's first step)"
             cold_start(policy, tokenizer, train_examples, steps=args.sft_steps, batch_size=args.sft_batch_size,
                        learning_rate=args.sft_learning_rate, seed=args.seed)
             session.evaluate("after_cold_start", policy, tokenizer, eval_examples)
-        # The notebook's training_config: every flag that names a hyperparameter of train_with_grpo
-        training_config = {k: v for k, v in vars(args).items() if k in inspect.signature(train_with_grpo).parameters}
+        # The notebook's training_config: every flag that names a hyperparameter of train_with_grpo or grpo_loss
+        names = {*inspect.signature(train_with_grpo).parameters, *inspect.signature(grpo_loss).parameters}
+        training_config = {k: v for k, v in vars(args).items() if k in names}
         history = train_with_grpo(policy, tokenizer, train_examples, **training_config, eval_examples=eval_examples,
                                   parallel=session.parallel, run=session.run)
         session.save(policy, tokenizer, history)
