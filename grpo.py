@@ -15,9 +15,8 @@ The lesson is sections 1-9, in order: GRPO and nothing else.
     1. prompts and answer extraction      4. per-token log-probs and the mask   7. evaluation
     2. rewards                            5. the GRPO loss                      8. a cold start (optional)
     3. group-relative advantages          6. rollouts: G completions a prompt   9. the training loop
-Engineering A-D follow it (memory, exact sampling, GPUs and processes, logs, checkpoints, signals, errors); the
-lesson never calls into them: they come in through named arguments and a few marked calls in the loop.
-10. is the command line (python grpo.py --help).
+Engineering A-D follow (memory, exact sampling, GPUs and processes, logs, checkpoints, signals, errors); no lesson
+function calls them: they come in through named arguments and marked calls in the loop. 10. is the command line.
 
 Shape letters used in comments: B prompts per step, G completions per prompt (num_generations),
 N = B * G sequences, P prompt tokens (left-padded), T completion tokens, V vocabulary size.
@@ -335,8 +334,8 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
     stop-gradient (detach); at sequence level s_i stands in for rho throughout.
         loss_type "cispo"          MiniMax-M1 (arXiv 2506.13585): surr = sg(min(rho, 1 + epsilon_high)) * A_i * p:
                                    the capped ratio only weighs the gradient of p, so no token loses its gradient
-                                   to the clip (epsilon is unused; the loss's value is no ratio). The cap is the
-                                   paper's 1 + epsilon_high; TRL's is epsilon_high itself (TRL's 5.0 is 4.0 here)
+                                   to the clip (epsilon only as epsilon_high's default). The cap is the paper's
+                                   1 + epsilon_high; TRL's is epsilon_high itself (TRL's 5.0 is 4.0 here)
         loss_type "sapo"           SAPO (arXiv 2511.20347): surr = sigmoid(tau (rho - 1)) * 4 / tau * A_i, tau =
                                    sapo_temperature_pos if A_i > 0 else sapo_temperature_neg: a smooth trust region,
                                    the gradient 4 s (1 - s) rho A_i grad p (s the sigmoid) fading as rho leaves 1
@@ -353,8 +352,8 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
     advantages: (N, 1); completion_mask: (N, T). Returns the loss and detached metrics, means over sequences of
     per-sequence token means: kl (as in the loss); clip_ratio_low / _high, the share of tokens clipped below
     (rho < 1 - epsilon, A < 0) / above (rho > 1 + epsilon_high, A > 0), which get no gradient (0 for cispo and
-    sapo, which drop none), and clip_ratio, their sum; cispo_clip_ratio (cispo), the share of tokens whose weight
-    was capped (rho > 1 + epsilon_high, any A; TRL's counts A > 0); off_policy_masked, the completions dropped.
+    sapo, which drop none; delta's not counted), clip_ratio, their sum; cispo_clip_ratio, the share of tokens
+    whose weight cispo capped (any A; TRL's counts A > 0 only); off_policy_masked, the completions dropped.
     Copy with: import torch; reduce_per_token, masked_sequence_mean, TOKEN_MEAN_LOSSES.
     """
     assert log_probs.shape == old_log_probs.shape == completion_mask.shape, "(N, T) tensors expected"
@@ -899,7 +898,7 @@ class GenerateModule(nn.Module):
 
 
 class LogProbModule(nn.Module):
-    """compute_log_probs as a module DataParallel can split, with the in-place backward (section A):
+    """compute_log_probs as a module DataParallel can split, with the in-place backward (engineering A):
     forward(input_ids, attention_mask, logits_to_keep) -> (n, T)."""
 
     def __init__(self, model: nn.Module, temperature: float, autocast_dtype: torch.dtype | None = None):
@@ -1051,7 +1050,7 @@ def print_run_summary(history: list[dict], device: torch.device) -> None:
     first, last = history[0], history[-1]
     print("first -> last step: " + ", ".join(f"{label} {first[key]:.4f} -> {last[key]:.4f}" for key, label in (
         ("reward", "reward"), ("correctness_reward", "correct"), ("format_reward", "format"), ("kl", "kl"))))
-    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0]}  # NaN-safe
+    mean = {key: sum(record[key] for record in history) / len(history) for key in history[0] if key != "eval"}
     peak_mib = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"  # on CPU: max RSS, Linux's KiB
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     print(f"summary: {len(history)} step{'s' if len(history) > 1 else ''}, {mean['step_seconds']:.2f} s/step = rollout "
@@ -1229,9 +1228,9 @@ class RunControl:
         self.flat_steps = self.flat_steps + 1 if record["frac_reward_zero_std"] == 1.0 else 0
         if self.flat_steps == 3:  # said once per such stretch, at its third step
             print(f"  NO LEARNING SIGNAL: for 3 steps every group's rewards were equal (reward {record['reward']:.2f}, "
-                  f"truncated {record['truncated_ratio']:.0%}), so every advantage is 0 and GRPO learns nothing; a "
-                  "model that never earns a reward needs a cold start (--sft_steps 16), or try more completions per "
-                  "prompt (--num_generations), a longer --max_completion_length if they are cut, or a larger model",
+                  f"truncated {record['truncated_ratio']:.0%}), so every advantage is 0 and GRPO learns nothing; if no "
+                  "completion earns a reward, a cold start (--sft_steps 16); else more completions per prompt "
+                  "(--num_generations), other questions, a longer --max_completion_length if cut, a larger model",
                   flush=True)
         if self.log_completions_steps and step % self.log_completions_steps == 0:
             question, text, answer, reward = sample
@@ -1642,10 +1641,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on GPU: bf16 autocast with float32 master weights, reference model in bf16; ignored on CPU")
 
     g = parser.add_argument_group("GRPO variants, with TRL's names (the defaults are DeepSeekMath's GRPO)")
-    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo", "cispo", "sapo"],
-                   help="grpo = mean over completions of their token means; dapo = mean over all tokens; dr_grpo = sum "
-                   "/ (N * max length); cispo (MiniMax-M1) = the capped ratio, detached, weighs log pi (mean over all "
-                   "tokens); sapo = a smooth sigmoid gate in place of the clip (mean over completions)")
+    g.add_argument("--loss_type", default="grpo", choices=["grpo", "dapo", "dr_grpo", "cispo", "sapo"], help="grpo = "
+                   "mean of the completions' token means; dapo = mean over all tokens; dr_grpo = sum / (N * max "
+                   "length); cispo = capped, detached ratio x log pi (as dapo); sapo = a sigmoid gate (as grpo)")
     g.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"], help="advantage = (r - "
                    "group mean) / (group std + 1e-4), / (std of the step's rewards + 1e-4), or none (Dr. GRPO)")
     g.add_argument("--epsilon_high", type=positive_float, default=None, help="DAPO's clip-higher: ratio kept in "
@@ -1661,12 +1659,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sapo_temperature_pos", type=positive_float, default=1.0, help="sapo's tau for A > 0 in the gate "
                    "sigmoid(tau (ratio - 1)) * 4 / tau: larger = the gradient fades sooner as the ratio leaves 1")
     g.add_argument("--sapo_temperature_neg", type=positive_float, default=1.05, help="sapo's tau for A <= 0")
-    g.add_argument("--use_bias_correction_kl", action=argparse.BooleanOptionalAction, default=False,
-                   help="DeepSeek-V3.2's unbiased KL: the k3 term times the ratio (needs --beta > 0); TRL's default is "
-                   "on, off here as in the seed's GRPO")
-    g.add_argument("--off_policy_mask_threshold", type=positive_float, default=None, help="DeepSeek-V3.2's mask: no "
-                   "policy loss for a completion with A < 0 whose mean (log pi_old - log pi) is above this (TRL's "
-                   "example: 0.5); None: off")
+    g.add_argument("--use_bias_correction_kl", action=argparse.BooleanOptionalAction, default=False, help="DeepSeek-"
+                   "V3.2's unbiased KL: k3 times the ratio (needs --beta > 0); TRL's default is on, the seed's off")
+    g.add_argument("--off_policy_mask_threshold", type=positive_float, default=None, help="DeepSeek-V3.2: no policy "
+                   "loss for a completion with A < 0 whose mean (log pi_old - log pi) is above this (e.g. 0.5)")
 
     g = parser.add_argument_group("cold start: supervised steps before GRPO (DeepSeek-R1)")
     g.add_argument("--sft_steps", type=non_negative_int, default=0, help="steps on the training set's worked "
@@ -1715,6 +1711,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.delta is not None and args.delta <= 1.0 + high:
         parser.error(f"--delta {args.delta:g} must be above 1 + epsilon_high = {1.0 + high:g}: it caps the ratio "
                      "beyond the clip range, not inside it (INTELLECT-2: --delta 4 with --epsilon 0.2)")
+    if args.loss_type == "cispo" and args.epsilon_high is None:
+        parser.error("--loss_type cispo caps its weights at 1 + --epsilon_high: give it (ScaleRL, TRL's 5.0: 4)")
+    if args.eval_steps and not args.eval_size:
+        parser.error(f"--eval_steps {args.eval_steps} evaluates --eval_size held-out questions: give more than 0")
     if args.use_bias_correction_kl and args.beta == 0.0:
         parser.error("--use_bias_correction_kl weighs the KL term, and --beta 0 has none: drop one of the two")
     if args.resume_from and args.overwrite_output_dir:
