@@ -1583,12 +1583,13 @@ def test_every_lesson_function_runs_when_copied_with_exactly_what_its_docstring_
         "micro_batches": ((5, 2), {}),
         "accumulate_grpo_gradients": ((grpo.LogProbModule(model, 1.0), ids, mask, completion_mask, advantages, None,
                                        None, 2, 0.0, 0.2), {}),
-        "step_metrics": ((["<answer>4</answer>", "5"], ["4", "4"], torch.tensor([2.0, 0.0]), torch.tensor([False, True]),
-                          completion_mask[:2], mask[:2], 2, [update], {"step": 2.0, "rollout": 1.0, "update": 1.0}), {}),
+        "step_metrics": ((["<answer>4</answer>", "5"], ["4", "4"], torch.tensor([2.0, 0.0]),
+                          torch.tensor([False, True]), completion_mask[:2], mask[:2], 2, [update],
+                          {"step": 2.0, "rollout": 1.0, "update": 1.0}), {}),
     }
+    sections = [(start, end) for start, end, title in grpo_layout() if title.split(".")[0] in set("123456789")]
     lesson = {node.name for node in ast.parse(open(os.path.join(HERE, "grpo.py")).read()).body
-              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
-                  start <= node.lineno <= end and title.split(".")[0] in set("123456789") for start, end, title in grpo_layout())}
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(s <= node.lineno <= e for s, e in sections)}
     assert lesson - {"train_with_grpo"} == set(calls)  # every function of sections 1-9 but the loop itself
     for name, (args, keywords) in calls.items():
         results = []
@@ -1596,7 +1597,8 @@ def test_every_lesson_function_runs_when_copied_with_exactly_what_its_docstring_
             torch.manual_seed(0)  # the rollouts sample
             results.append(function(*[copy.deepcopy(a) if isinstance(a, torch.nn.Module) else a for a in args],
                                     **keywords))  # a fresh model for each: cold_start trains it
-        assert same(*[{k: v for k, v in r.items() if k != "seconds"} if isinstance(r, dict) else r for r in results]), name
+        untimed = [{k: v for k, v in r.items() if k != "seconds"} if isinstance(r, dict) else r for r in results]
+        assert same(*untimed), name
 
 
 # --- Engineering C: checkpoints, resume, interruption, non-finite updates ------------------------------------------
