@@ -272,11 +272,12 @@ def truncated_completions(completion_ids: torch.Tensor, eos_token_ids: list[int]
 # ================================================================================================
 
 
-def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean over sequences of the mean over each sequence's unmasked tokens: (N, T), (N, T) -> scalar.
-    Every completion weighs the same whatever its length (the paper's 1/G sum_i 1/|o_i| sum_t). Copy with: import torch.
-    """
-    return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+    """mean over sequences of the mean over each sequence's unmasked tokens: (N, T), (N, T) -> scalar (per_sequence:
+    the (N, 1) means themselves). Every completion weighs the same whatever its length (the paper's
+    1/G sum_i 1/|o_i| sum_t). Copy with: import torch."""
+    means = (values * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
+    return means if per_sequence else means.mean()
 
 
 # The loss types that average over all the step's tokens (TRL's "dapo" and "cispo"); the others over sequences.
@@ -364,7 +365,7 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
 
     log_ratio = log_probs - old_log_probs  # (N, T)
     if importance_sampling_level == "sequence":  # GSPO: the mean log-ratio of each completion
-        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
+        log_ratio = masked_sequence_mean(log_ratio, mask, per_sequence=True)  # (N, 1)
     elif importance_sampling_level != "token":
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)  # (N, T), or (N, 1) at sequence level
@@ -379,8 +380,7 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, ref_log_prob
         clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * advantages  # (N, T) or (N, 1)
         surrogate = torch.min(unclipped, clipped).expand_as(log_probs)  # (N, T)
     if off_policy_mask_threshold is not None:  # how far, on average, p has fallen below p_old on completion i
-        drift = ((old_log_probs - log_probs.detach()) * mask).sum(dim=1, keepdim=True)  # (N, 1)
-        drift = drift / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, 1)
+        drift = masked_sequence_mean(old_log_probs - log_probs.detach(), mask, per_sequence=True)  # (N, 1)
         dropped = (advantages < 0) & (drift > off_policy_mask_threshold)  # (N, 1)
         surrogate = surrogate * ~dropped  # (N, T)
     log_ratio_ref = ref_log_probs - log_probs if beta != 0.0 else torch.zeros_like(log_probs)  # (N, T): q - p
