@@ -715,7 +715,7 @@ def train_with_grpo(
         # 1) Take B prompts. An iteration starts with a new reference model pi_ref: a frozen copy of the
         #    policy as it is now, which the KL term keeps the policy close to (none is needed when beta = 0).
         if beta != 0.0 and step % num_steps == 0:
-            reference = make_reference_model(policy, amp_dtype)
+            reference = run.reference_model(policy, amp_dtype)  # C: = make_reference_model(...); LoRA: no copy
         batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
         prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
         answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
@@ -783,7 +783,7 @@ def train_with_grpo(
 
 
 # ================================================================================================
-# Engineering A: the in-place log-softmax backward, which saves most of an update's memory
+# Engineering A: memory: the in-place log-softmax backward, and LoRA (train adapters, not the weights)
 # (engineering after the lesson; read it when you need it)
 # ================================================================================================
 # With Qwen2.5's 151,936-token vocabulary the logits are the largest tensors of an update (4 sequences x 400 tokens
@@ -823,6 +823,80 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
             row.mul_(-g).scatter_add_(-1, token_ids[i].unsqueeze(-1), g)  # (T, V): (onehot - softmax) / T * grad
             logits[i] = row  # a no-op for float32 (row is logits[i]); rounds back to bf16 otherwise
         return logits, None, None
+
+
+# LoRA (Hu et al. 2021, arXiv 2106.09685): each chosen linear layer keeps its weight W frozen and learns a low-rank
+# correction. Frozen weights need no gradients, no AdamW moments and no reference copy, for with its adapters off
+# the policy is the model it started from: the 1.5B model holds about 4.3 GB, not 30.9, before any activation.
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2's and Llama's attention and MLP
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer and a trained low-rank correction, the adapters A and B:
+        y = W x + b + (alpha / R) B A x,   W (out, in) frozen, A (R, in) random, B (out, R) zero at the start
+    so a new LoRALinear computes exactly what the layer did, and training moves W's effective value by
+    (alpha / R) B A, of rank R at most. enabled False: the adapters off, W x + b alone."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scaling, self.enabled = base.requires_grad_(False), alpha / rank, True
+        self.A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)  # nn.Linear's random init
+        self.B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * self.B(self.A(x)) if self.enabled else self.base(x)
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [module for module in model.modules() if isinstance(module, LoRALinear)]
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], frozen_dtype: torch.dtype | None = None):
+    """Freeze every weight of model and put a LoRALinear around each nn.Linear named in targets (the last part of
+    its name), its adapters in float32. frozen_dtype bfloat16 (GPU, --bf16): the frozen W under an adapter is held
+    in bf16; autocast rounds it so at every matmul anyway, so only the memory changes."""
+    model.requires_grad_(False)  # AdamW skips weights without a gradient: no moments, no weight decay
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets]
+    if not names:
+        raise DataError(f"--lora_targets {','.join(targets)}: the model has no linear layer of those names")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        base = model.get_submodule(name)
+        base.weight.data = base.weight.data.to(frozen_dtype or base.weight.dtype)
+        setattr(model.get_submodule(parent), child, LoRALinear(base, rank, alpha))
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its weight, W <- W + (alpha / R) B A in float32, and put the plain nn.Linear back:
+    the model is then the adapted one for any code (save_pretrained, from_pretrained, generate)."""
+    for name, _ in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+        layer, (parent, _, child) = model.get_submodule(name), name.rpartition(".")
+        with torch.no_grad():
+            layer.base.weight.data = layer.base.weight.float() + layer.scaling * layer.B.weight @ layer.A.weight
+        setattr(model.get_submodule(parent), child, layer.base)
+
+
+class AdaptersOff(nn.Module):
+    """The policy with every adapter switched off for the call: under LoRA, the reference model pi_ref at no cost.
+    W never trains, so the policy with its adapters off is, at every step of the run, the model the run loaded:
+    for every --num_iterations the reference stays that base model (after a cold start too, whose adapters
+    it leaves out, as TRL with peft does), where full fine-tuning copies the policy at each iteration's start."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, **inputs):
+        layers = lora_layers(self.policy)
+        for layer in layers:
+            layer.enabled = False
+        try:
+            return self.policy(**inputs)
+        finally:
+            for layer in layers:
+                layer.enabled = True
 
 
 # ================================================================================================
@@ -1069,19 +1143,22 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, reference, extra: dict,
                     save_total_limit: int) -> str:
-    """Write checkpoint-{step}: weights and tokenizer (save_pretrained), optimizer state, the reference
-    model, step, RNG states and `extra`, into a '.tmp' folder renamed into place (a crash mid-save never
-    leaves a checkpoint that looks whole). Keeps the newest save_total_limit checkpoints."""
+    """Write checkpoint-{step}: weights and tokenizer (save_pretrained; under LoRA the adapters alone, adapters.pt),
+    optimizer state, the reference model, step, RNG states and `extra`, into a '.tmp' folder renamed into place (a
+    crash mid-save never leaves a checkpoint that looks whole). Keeps the newest save_total_limit checkpoints."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     partial = final + ".tmp"
     shutil.rmtree(partial, ignore_errors=True)
-    policy.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    if lora_layers(policy):  # requires_grad: the adapters, all that trains
+        torch.save({n: p for n, p in policy.named_parameters() if p.requires_grad}, os.path.join(partial, "adapters.pt"))
+    else:
+        policy.save_pretrained(partial)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **extra},
                os.path.join(partial, "training_state.pt"))
-    if reference is not None:
+    if reference is not None and not isinstance(reference, AdaptersOff):  # LoRA's is the frozen weights
         torch.save(reference.state_dict(), os.path.join(partial, "reference_model.pt"))
     shutil.rmtree(final, ignore_errors=True)  # an older save of the same step
     os.replace(partial, final)
@@ -1091,13 +1168,14 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, re
 
 
 def load_training_state(checkpoint_dir: str, device: torch.device | str = "cpu") -> dict:
-    """The counters, optimizer state, RNG states (and the reference weights, if saved) of a checkpoint,
+    """The counters, optimizer state, RNG states (and the reference weights or LoRA adapters, if saved) of a checkpoint,
     its tensors loaded onto `device` whatever device saved them (a GPU checkpoint resumes on a CPU)."""
     def load(name):  # weights_only: tensors and plain containers, never pickled code
         path = os.path.join(checkpoint_dir, name)
         return torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else None
 
-    return {**load("training_state.pt"), "reference": load("reference_model.pt"), "path": checkpoint_dir}
+    return {**load("training_state.pt"), "reference": load("reference_model.pt"), "adapters": load("adapters.pt"),
+            "path": checkpoint_dir}
 
 
 def restore_rng(rng: dict) -> None:
@@ -1199,15 +1277,24 @@ class RunControl:
         self.bad_steps = state["bad_steps"]
         if self.output_dir and self.parallel.rank == 0:
             keep_metrics_up_to(os.path.join(self.output_dir, "metrics.jsonl"), state["step"])
+        adapters, parameters = state.pop("adapters", None) or {}, dict(policy.named_parameters())
+        with torch.no_grad():  # LoRA: the adapters (the frozen weights are --model_name's)
+            for name, value in adapters.items():
+                parameters[name].copy_(value)
         reference = None
         if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
-            reference = make_reference_model(policy, amp_dtype)  # none saved (--beta 0 then): the resumed policy
+            reference = self.reference_model(policy, amp_dtype)  # none saved (--beta 0 then): the resumed policy
             if state["reference"] is not None:
                 reference.load_state_dict(state.pop("reference"))
         finished = ": this run is finished; a larger --num_steps (counted from its start) trains it further"
         print(f"resumed from {state['path']} at step {state['step']}/{total_steps}"
               f"{finished if state['step'] >= total_steps else ''}")
         return state["step"], reference
+
+    def reference_model(self, policy: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
+        """make_reference_model(policy, amp_dtype), or for a policy with LoRA adapters (engineering A) no copy at
+        all: AdaptersOff(policy), the policy with its adapters switched off."""
+        return AdaptersOff(policy) if lora_layers(policy) else make_reference_model(policy, amp_dtype)
 
     def end_step(self, record: dict, sample: tuple, policy, tokenizer, optimizer, reference) -> None:
         """Print the step's line (every log_completions_steps steps also details and a sample), append it to
@@ -1371,7 +1458,8 @@ FIXED_ON_RESUME = ("model_name", "dataset", "seed", "num_iterations", "batch_siz
                    "max_completion_length", "temperature", "beta", "epsilon", "epsilon_high", "loss_type",
                    "scale_rewards", "importance_sampling_level", "mask_truncated_completions", "delta",
                    "sapo_temperature_pos", "sapo_temperature_neg", "use_bias_correction_kl",
-                   "off_policy_mask_threshold", "sft_steps", "sft_batch_size", "sft_learning_rate")
+                   "off_policy_mask_threshold", "sft_steps", "sft_batch_size", "sft_learning_rate", "lora_rank",
+                   "lora_alpha", "lora_targets")
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict | None) -> None:
@@ -1438,7 +1526,13 @@ class Session:
         if not checkpoint and held and not args.overwrite_output_dir:
             raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
                             "or start again with --overwrite_output_dir")
-        policy, tokenizer = load_model_and_tokenizer(checkpoint or args.model_name, self.parallel.device)
+        if checkpoint and args.lora_rank and not os.path.isfile(os.path.join(checkpoint, "adapters.pt")):
+            raise DataError(f"--resume_from {checkpoint}: a full fine-tuning checkpoint; resume it without --lora_rank")
+        policy, tokenizer = load_model_and_tokenizer(  # a LoRA checkpoint holds the adapters, not the weights
+            args.model_name if args.lora_rank else checkpoint or args.model_name, self.parallel.device)
+        if args.lora_rank:  # engineering A: the loaded weights frozen, low-rank adapters trained
+            add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets.split(","),
+                     torch.bfloat16 if args.bf16 else None)
         resume = load_training_state(checkpoint, self.parallel.device) if checkpoint else None
         return policy, tokenizer, train_examples, eval_examples, resume
 
@@ -1472,8 +1566,10 @@ class Session:
         parallel.fail_together(prepare_output_dir if parallel.rank == 0 else None, args, resume)
         if args.gradient_checkpointing:  # transformers applies it in train mode only: rollouts keep their speed
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         print(f"{len(train_examples)} training examples, {len(eval_examples)} evaluation examples, model "
-              f"{args.model_name} ({sum(p.numel() for p in policy.parameters()):,} parameters) on {parallel.device}"
+              f"{args.model_name} ({sum(p.numel() for p in policy.parameters()):,} parameters, {trained:,} trained"
+              f"{f' in LoRA adapters of rank {args.lora_rank}' if args.lora_rank else ''}) on {parallel.device}"
               f"{f' x {parallel.world_size} processes' if parallel.world_size > 1 else ''}"
               f"{f' (DataParallel over {parallel.gpus} GPUs)' if parallel.gpus > 1 else ''}")
         eval_path = pathlib.Path(args.output_dir, "eval.json")
@@ -1508,6 +1604,7 @@ class Session:
     def save(self, policy, tokenizer, history: list[dict]) -> None:
         """Save the final model (a signal still waits for it), then stop if a signal came meanwhile."""
         out, self.stop.saving = self.args.output_dir, f"the final model in {self.args.output_dir}"
+        merge_lora(policy)  # LoRA: W + (alpha / R) B A, a plain model that loads anywhere (every process)
         if self.parallel.rank == 0 and (history or not os.path.isfile(os.path.join(out, "config.json"))):
             policy.save_pretrained(out)
             tokenizer.save_pretrained(out)
@@ -1670,6 +1767,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft_batch_size", type=positive_int, default=8, help="examples per cold-start step")
     g.add_argument("--sft_learning_rate", type=positive_float, default=5e-5, help="its own AdamW's learning rate")
 
+    g = parser.add_argument_group("LoRA: train low-rank adapters, not the weights (engineering A)")
+    g.add_argument("--lora_rank", type=non_negative_int, default=0, help="R > 0: adapters of rank R on --lora_targets, "
+                   "every loaded weight frozen (bf16 on GPU), pi_ref the policy with its adapters off: the base model "
+                   "for the whole run, no copy; wants a ~10x larger --learning_rate (e.g. 5e-5). 0 = full fine-tuning")
+    g.add_argument("--lora_alpha", type=positive_float, default=32.0, help="the adapters' scale is alpha / R")
+    g.add_argument("--lora_targets", default=LORA_TARGETS, help="the linear layers that get adapters, by the last "
+                   "part of their name; the default: every attention and MLP projection of Qwen2 and Llama")
+
     g = parser.add_argument_group("evaluation: before and after training (and after a cold start)")
     g.add_argument("--eval_size", type=non_negative_int, default=100, help="held-out questions each time; 0 = none")
     g.add_argument("--eval_steps", type=non_negative_int, default=0, help="and every this many steps; 0 = never")
@@ -1704,6 +1809,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if given:
         parser.error(f"--{given[0]} has no effect with --loss_type {args.loss_type} (cispo's one knob is its cap, "
                      "1 + --epsilon_high; sapo's are --sapo_temperature_pos/_neg; --delta is for grpo, dapo, dr_grpo)")
+    lora_flags = [name for name in ("lora_alpha", "lora_targets") if getattr(args, name) != parser.get_default(name)]
+    if lora_flags and not args.lora_rank:
+        parser.error(f"--{lora_flags[0]} has no effect without --lora_rank (0: full fine-tuning, no adapters)")
     if args.epsilon_high is not None and args.epsilon_high < args.epsilon and args.loss_type != "cispo":
         parser.error(f"--epsilon_high {args.epsilon_high} is below --epsilon {args.epsilon}: clip-higher widens "
                      "the range above 1 (DAPO: --epsilon 0.2 --epsilon_high 0.28)")
@@ -1739,8 +1847,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         policy, tokenizer, train_examples, eval_examples = session.load()
         session.evaluate("before", policy, tokenizer, eval_examples)
         if args.sft_steps and not session.resumed:  # a resumed run's checkpoint holds the cold-started weights
-            cold_start(policy, tokenizer, train_examples, steps=args.sft_steps, batch_size=args.sft_batch_size,
-                       learning_rate=args.sft_learning_rate, seed=args.seed)
+            with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and args.lora_rank > 0):  # LoRA's bf16 W
+                cold_start(policy, tokenizer, train_examples, steps=args.sft_steps, batch_size=args.sft_batch_size,
+                           learning_rate=args.sft_learning_rate, seed=args.seed)
             session.evaluate("after_cold_start", policy, tokenizer, eval_examples)
         # The notebook's training_config: every flag that names a hyperparameter of train_with_grpo or grpo_loss
         names = {*inspect.signature(train_with_grpo).parameters, *inspect.signature(grpo_loss).parameters}

@@ -972,6 +972,94 @@ def test_a_bf16_reference_model_keeps_the_policys_rotary_positions(tiny):
         assert buffer.dtype == policy_buffers[name].dtype and torch.equal(buffer, policy_buffers[name]), name
 
 
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def _with_lora(model, add=True):
+    """model with adapters on every attention and MLP projection, B made non-zero (as after training)."""
+    if add:
+        grpo.add_lora(model, 4, 8.0, grpo.LORA_TARGETS.split(","))
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in grpo.lora_layers(model):
+            layer.B.weight.copy_(0.1 * torch.randn(layer.B.weight.shape, generator=noise))
+    return model
+
+
+def test_lora_starts_exactly_at_the_base_model_and_adapters_off_is_the_base_model(tiny):
+    model, tokenizer = tiny
+    ids = prompt_ids_for(tokenizer, copies=2)
+    base = _logits(model, ids)
+    grpo.add_lora(model, 4, 8.0, grpo.LORA_TARGETS.split(","))
+    assert len(grpo.lora_layers(model)) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert torch.equal(_logits(model, ids), base)  # B = 0: exactly the base model's outputs
+    assert all(layer.A.weight.abs().sum() > 0 for layer in grpo.lora_layers(model))  # A random
+    _with_lora(model, add=False)  # adapters that have moved: the policy differs, its adapters-off self does not
+    assert not torch.allclose(_logits(model, ids), base)
+    assert torch.equal(_logits(grpo.AdaptersOff(model), ids), base)
+    assert all(layer.enabled for layer in grpo.lora_layers(model))  # switched back on after the call
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_gradients_reach_the_adapters_and_nothing_else(tiny, checkpointing):
+    model, tokenizer = _with_lora(tiny[0]), tiny[1]
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = prompt_ids_for(tokenizer, copies=2)
+    grpo.compute_log_probs(model, ids, torch.ones_like(ids), 4).sum().backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    adapters = {name for name, p in model.named_parameters() if name.endswith((".A.weight", ".B.weight"))}
+    assert trained == adapters and len(adapters) == 28
+    assert all(p.grad.abs().sum() > 0 for name, p in model.named_parameters() if name in adapters)
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == adapters
+
+
+def test_lora_training_moves_only_the_adapters_and_uses_no_reference_copy(tiny, tiny_dir, monkeypatch):
+    model, tokenizer = tiny
+    examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "lora.jsonl"), arithmetic_rows(8)))
+    grpo.add_lora(model, 4, 8.0, grpo.LORA_TARGETS.split(","))
+    frozen = {name: p.clone() for name, p in model.named_parameters() if not p.requires_grad}
+    ids = prompt_ids_for(tokenizer)
+    base = _logits(model, ids)
+    monkeypatch.setattr(grpo, "make_reference_model", lambda *args: pytest.fail("a reference copy was made"))
+    history = _train(model, tokenizer, examples, num_steps=2, num_iterations=2, batch_size=2, learning_rate=1e-2)
+    assert history[-1]["kl"] > 0  # the KL term is on: its reference is the policy with its adapters off
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    assert not torch.equal(_logits(model, ids), base)  # the adapters trained...
+    assert torch.equal(_logits(grpo.AdaptersOff(model), ids), base)  # ...and the reference is still the base model
+
+
+def test_merged_lora_is_the_adapted_model_and_loads_with_from_pretrained(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _with_lora(tiny[0]), tiny[1]
+    ids = prompt_ids_for(tokenizer, copies=2)
+    adapted = _logits(model, ids)
+    grpo.merge_lora(model)
+    assert not grpo.lora_layers(model) and all(type(m) is not grpo.LoRALinear for m in model.modules())
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for logits in (_logits(model, ids), _logits(reloaded, ids)):
+        assert torch.allclose(logits, adapted, atol=1e-5)  # float32 rounding of W + (alpha / R) B A
+
+
+def test_lora_weights_held_in_bf16_change_nothing_under_autocast(tiny_dir):
+    ids = prompt_ids_for(grpo.load_model_and_tokenizer(tiny_dir, torch.device("cpu"))[1], copies=2)
+    outputs = []
+    for dtype in (None, torch.bfloat16):
+        model = grpo.load_model_and_tokenizer(tiny_dir, torch.device("cpu"))[0]
+        torch.manual_seed(0)
+        grpo.add_lora(model, 4, 8.0, grpo.LORA_TARGETS.split(","), frozen_dtype=dtype)
+        assert {layer.base.weight.dtype for layer in grpo.lora_layers(model)} == {dtype or torch.float32}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # the adapters' master
+        with torch.autocast("cpu", torch.bfloat16):
+            outputs.append(_logits(model, ids))
+    assert torch.equal(*outputs)  # autocast rounds a float32 weight to bf16 at each matmul: the same numbers
+
+
 def test_the_optimizer_is_fused_on_gpu(tiny):
     model, _ = tiny
     assert grpo.make_optimizer(model, 1e-3, 0.01, torch.device("cuda")).defaults["fused"] is True
@@ -1173,6 +1261,7 @@ def test_defaults_follow_the_seed():
     (["--off_policy_mask_threshold", "0"], "positive"),
     (["--loss_type", "cispo"], "caps its weights at 1 + --epsilon_high"),
     (["--eval_steps", "5", "--eval_size", "0"], "give more than 0"),
+    (["--lora_alpha", "16"], "--lora_alpha has no effect without --lora_rank"),
 ])
 def test_bad_flag_values_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -1251,6 +1340,7 @@ def test_bad_data_files_are_clear_errors(tiny_dir, tmp_path, content, message):
     ("unwritable_output_dir", "cannot write to --output_dir"),
     ("model_is_a_file", "is a file: pass the folder that save_pretrained wrote"),
     ("model_folder_is_empty", "holds no saved model (no config.json)"),
+    ("lora_targets_match_nothing", "--lora_targets qkv: the model has no linear layer of those names"),
 ])
 def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tiny_dir, tmp_path, case, message,
                                                                              monkeypatch, capsys):
@@ -1274,6 +1364,8 @@ def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tin
             (tmp_path / "model").mkdir()
         else:
             (tmp_path / "model").write_text("weights")
+    elif case == "lora_targets_match_nothing":
+        flags += ["--lora_rank", "2", "--lora_targets", "qkv"]
     elif case == "unwritable_output_dir":
         monkeypatch.setattr(grpo, "write_file", lambda *args: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     if case == "resume_and_overwrite":
@@ -1605,19 +1697,23 @@ def test_every_lesson_function_runs_when_copied_with_exactly_what_its_docstring_
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_result_as_never_stopping(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4", "--lora_alpha", "8"]], ids=["full", "lora"])
+def test_resume_gives_the_same_result_as_never_stopping(tiny_dir, tmp_path, monkeypatch, lora):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(12))
-    grpo.main(_run_flags(tiny_dir, data, tmp_path / "straight"))
+    grpo.main(_run_flags(tiny_dir, data, tmp_path / "straight", *lora))
 
     # The same run, stopped by SIGINT during step 2 (rollouts decode once per step), then resumed.
     _signal_on_call(monkeypatch, "decode_completions", 2, signal.SIGINT)
     with pytest.raises(SystemExit) as exit_info:
-        grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed"))
+        grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed", *lora))
     assert exit_info.value.code == 130
     assert [os.path.basename(p) for p in grpo.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
     assert [m["step"] for m in _metrics(tmp_path / "resumed")] == [1, 2]
+    saved = set(os.listdir(tmp_path / "resumed" / "checkpoint-2"))  # LoRA: the adapters, not the weights
+    assert ("adapters.pt" in saved, "model.safetensors" in saved, "reference_model.pt" in saved) == (
+        (True, False, False) if lora else (False, True, True))
     monkeypatch.undo()
-    grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed", "--resume_from", "latest"))
+    grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed", *lora, "--resume_from", "latest"))
 
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
     assert torch.allclose(_weights(tmp_path / "resumed"), _weights(tmp_path / "straight"), atol=1e-6)
@@ -1865,8 +1961,8 @@ def _torchrun(flags, timeout=180):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [[], ["--loss_type", "dapo", "--scale_rewards", "batch", "--epsilon_high", "0.28"],
                                      ["--loss_type", "cispo", "--epsilon_high", "0.1", "--use_bias_correction_kl",
-                                      "--off_policy_mask_threshold", "0.02"]],
-                         ids=["grpo", "dapo_batch_scaled", "cispo_unbiased_kl_mask"])
+                                      "--off_policy_mask_threshold", "0.02"], ["--lora_rank", "4", "--sft_steps", "1"]],
+                         ids=["grpo", "dapo_batch_scaled", "cispo_unbiased_kl_mask", "lora_cold_start"])
 def test_torchrun_gives_the_rewards_and_weights_of_one_process_and_one_set_of_outputs(tiny_dir, tmp_path, variant):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
     held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(45)[40:])
