@@ -837,9 +837,10 @@ class LoRALinear(nn.Module):
     so a new LoRALinear computes exactly what the layer did, and training moves W's effective value by
     (alpha / R) B A, of rank R at most. enabled False: the adapters off, W x + b alone."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None):
         super().__init__()
-        self.base, self.scaling, self.enabled = base.requires_grad_(False), alpha / rank, True
+        self.base = base.requires_grad_(False).to(frozen_dtype or base.weight.dtype)  # W, b
+        self.scaling, self.enabled = alpha / rank, True
         self.A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)  # nn.Linear's random init
         self.B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.zeros_(self.B.weight)
@@ -854,8 +855,8 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], frozen_dtype: torch.dtype | None = None):
     """Freeze every weight of model and put a LoRALinear around each nn.Linear named in targets (the last part of
-    its name), its adapters in float32. frozen_dtype bfloat16 (GPU, --bf16): the frozen W under an adapter is held
-    in bf16; autocast rounds it so at every matmul anyway, so only the memory changes."""
+    its name), its adapters in float32. frozen_dtype bfloat16 (GPU, --bf16): the frozen W and b under an adapter
+    are held in bf16; autocast rounds them so at every matmul anyway, so only the memory changes."""
     model.requires_grad_(False)  # AdamW skips weights without a gradient: no moments, no weight decay
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets]
@@ -863,15 +864,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], froz
         raise DataError(f"--lora_targets {','.join(targets)}: the model has no linear layer of those names")
     for name in names:
         parent, _, child = name.rpartition(".")
-        base = model.get_submodule(name)
-        base.weight.data = base.weight.data.to(frozen_dtype or base.weight.dtype)
-        setattr(model.get_submodule(parent), child, LoRALinear(base, rank, alpha))
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), rank, alpha, frozen_dtype))
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its weight, W <- W + (alpha / R) B A in float32, and put the plain nn.Linear back:
     the model is then the adapted one for any code (save_pretrained, from_pretrained, generate)."""
-    for name, _ in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]:
+    for name in [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]:
         layer, (parent, _, child) = model.get_submodule(name), name.rpartition(".")
         with torch.no_grad():
             layer.base.weight.data = layer.base.weight.float() + layer.scaling * layer.B.weight @ layer.A.weight
@@ -889,13 +888,12 @@ class AdaptersOff(nn.Module):
         self.policy = policy
 
     def forward(self, **inputs):
-        layers = lora_layers(self.policy)
-        for layer in layers:
+        for layer in lora_layers(self.policy):
             layer.enabled = False
         try:
             return self.policy(**inputs)
         finally:
-            for layer in layers:
+            for layer in lora_layers(self.policy):
                 layer.enabled = True
 
 
@@ -1277,10 +1275,8 @@ class RunControl:
         self.bad_steps = state["bad_steps"]
         if self.output_dir and self.parallel.rank == 0:
             keep_metrics_up_to(os.path.join(self.output_dir, "metrics.jsonl"), state["step"])
-        adapters, parameters = state.pop("adapters", None) or {}, dict(policy.named_parameters())
-        with torch.no_grad():  # LoRA: the adapters (the frozen weights are --model_name's)
-            for name, value in adapters.items():
-                parameters[name].copy_(value)
+        if state.get("adapters"):  # LoRA: the adapters, all that trained (the frozen weights are --model_name's)
+            policy.load_state_dict(state.pop("adapters"), strict=False)
         reference = None
         if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
             reference = self.reference_model(policy, amp_dtype)  # none saved (--beta 0 then): the resumed policy
@@ -1526,8 +1522,6 @@ class Session:
         if not checkpoint and held and not args.overwrite_output_dir:
             raise DataError(f"{out} already holds a run ({', '.join(held[:4])}); continue it with --resume_from latest "
                             "or start again with --overwrite_output_dir")
-        if checkpoint and args.lora_rank and not os.path.isfile(os.path.join(checkpoint, "adapters.pt")):
-            raise DataError(f"--resume_from {checkpoint}: a full fine-tuning checkpoint; resume it without --lora_rank")
         policy, tokenizer = load_model_and_tokenizer(  # a LoRA checkpoint holds the adapters, not the weights
             args.model_name if args.lora_rank else checkpoint or args.model_name, self.parallel.device)
         if args.lora_rank:  # engineering A: the loaded weights frozen, low-rank adapters trained
