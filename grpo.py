@@ -860,8 +860,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], froz
     model.requires_grad_(False)  # AdamW skips weights without a gradient: no moments, no weight decay
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rpartition(".")[2] in targets]
-    if not names:
-        raise DataError(f"--lora_targets {','.join(targets)}: the model has no linear layer of those names")
+    missing = sorted(set(targets) - {name.rpartition(".")[2] for name in names})
+    if missing:
+        raise DataError(f"--lora_targets: the model has no linear layer named {', '.join(missing)}")
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), rank, alpha, frozen_dtype))
@@ -1525,7 +1526,7 @@ class Session:
         policy, tokenizer = load_model_and_tokenizer(  # a LoRA checkpoint holds the adapters, not the weights
             args.model_name if args.lora_rank else checkpoint or args.model_name, self.parallel.device)
         if args.lora_rank:  # engineering A: the loaded weights frozen, low-rank adapters trained
-            add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets.split(","),
+            add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets.replace(" ", "").split(","),
                      torch.bfloat16 if args.bf16 else None)
         resume = load_training_state(checkpoint, self.parallel.device) if checkpoint else None
         return policy, tokenizer, train_examples, eval_examples, resume
@@ -1689,6 +1690,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples = """examples:
     python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
     CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
+    python grpo.py --lora_rank 16 --learning_rate 5e-5               # a 16-24 GB GPU: LoRA adapters
     torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
     python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
         --max_completion_length 32 --eval_size 4                    # CPU smoke run
@@ -1763,8 +1765,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("LoRA: train low-rank adapters, not the weights (engineering A)")
     g.add_argument("--lora_rank", type=non_negative_int, default=0, help="R > 0: adapters of rank R on --lora_targets, "
-                   "every loaded weight frozen (bf16 on GPU), pi_ref the policy with its adapters off: the base model "
-                   "for the whole run, no copy; wants a ~10x larger --learning_rate (e.g. 5e-5). 0 = full fine-tuning")
+                   "every loaded weight frozen (those projections in bf16 with --bf16), pi_ref the policy with its "
+                   "adapters off (the loaded model for the whole run, no copy); wants a ~10x larger --learning_rate "
+                   "(e.g. 5e-5). 0 = full fine-tuning")
     g.add_argument("--lora_alpha", type=positive_float, default=32.0, help="the adapters' scale is alpha / R")
     g.add_argument("--lora_targets", default=LORA_TARGETS, help="the linear layers that get adapters, by the last "
                    "part of their name; the default: every attention and MLP projection of Qwen2 and Llama")

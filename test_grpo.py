@@ -1352,7 +1352,7 @@ def test_bad_data_files_are_clear_errors(tiny_dir, tmp_path, content, message):
     ("unwritable_output_dir", "cannot write to --output_dir"),
     ("model_is_a_file", "is a file: pass the folder that save_pretrained wrote"),
     ("model_folder_is_empty", "holds no saved model (no config.json)"),
-    ("lora_targets_match_nothing", "--lora_targets qkv: the model has no linear layer of those names"),
+    ("lora_targets_match_nothing", "--lora_targets: the model has no linear layer named qkv"),
 ])
 def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tiny_dir, tmp_path, case, message,
                                                                              monkeypatch, capsys):
@@ -1377,7 +1377,7 @@ def test_more_bad_input_is_a_clear_one_line_error_that_leaves_nothing_behind(tin
         else:
             (tmp_path / "model").write_text("weights")
     elif case == "lora_targets_match_nothing":
-        flags += ["--lora_rank", "2", "--lora_targets", "qkv"]
+        flags += ["--lora_rank", "2", "--lora_targets", "q_proj, qkv"]
     elif case == "unwritable_output_dir":
         monkeypatch.setattr(grpo, "write_file", lambda *args: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     if case == "resume_and_overwrite":
