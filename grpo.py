@@ -715,7 +715,7 @@ def train_with_grpo(
         # 1) Take B prompts. An iteration starts with a new reference model pi_ref: a frozen copy of the
         #    policy as it is now, which the KL term keeps the policy close to (none is needed when beta = 0).
         if beta != 0.0 and step % num_steps == 0:
-            reference = run.reference_model(policy, amp_dtype)  # C: = make_reference_model(...); LoRA: no copy
+            reference = run.reference_model(policy, amp_dtype)  # C: = make_reference_model(...); LoRA: shared W
         batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
         prompts = [build_prompt(tokenizer, ex["question"]) for ex in batch]
         answers = [ex["answer"] for ex in batch for _ in range(num_generations)]  # N: one per completion
@@ -826,8 +826,8 @@ class InPlaceSelectiveLogSoftmax(torch.autograd.Function):
 
 
 # LoRA (Hu et al. 2021, arXiv 2106.09685): each chosen linear layer keeps its weight W frozen and learns a low-rank
-# correction. Frozen weights need no gradients, no AdamW moments and no reference copy, for with its adapters off
-# the policy is the model it started from: the 1.5B model holds about 4.3 GB, not 30.9, before any activation.
+# correction. Frozen weights need no gradients, no AdamW moments, and no copy in the reference model, which can share
+# them: the 1.5B model holds about 4.4 GB, not 30.9, before any activation.
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Qwen2's and Llama's attention and MLP
 
 
@@ -835,18 +835,18 @@ class LoRALinear(nn.Module):
     """A frozen linear layer and a trained low-rank correction, the adapters A and B:
         y = W x + b + (alpha / R) B A x,   W (out, in) frozen, A (R, in) random, B (out, R) zero at the start
     so a new LoRALinear computes exactly what the layer did, and training moves W's effective value by
-    (alpha / R) B A, of rank R at most. enabled False: the adapters off, W x + b alone."""
+    (alpha / R) B A, of rank R at most."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base.requires_grad_(False).to(frozen_dtype or base.weight.dtype)  # W, b
-        self.scaling, self.enabled = alpha / rank, True
+        self.scaling = alpha / rank
         self.A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)  # nn.Linear's random init
         self.B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
         nn.init.zeros_(self.B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scaling * self.B(self.A(x)) if self.enabled else self.base(x)
+        return self.base(x) + self.scaling * self.B(self.A(x))
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
@@ -872,30 +872,27 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its weight, W <- W + (alpha / R) B A in float32, and put the plain nn.Linear back:
     the model is then the adapted one for any code (save_pretrained, from_pretrained, generate)."""
     for name in [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]:
-        layer, (parent, _, child) = model.get_submodule(name), name.rpartition(".")
+        layer = model.get_submodule(name)
+        merged = layer.base.float()  # W and b back in float32 if held in bf16
         with torch.no_grad():
-            layer.base.weight.data = layer.base.weight.float() + layer.scaling * layer.B.weight @ layer.A.weight
-        setattr(model.get_submodule(parent), child, layer.base)
+            merged.weight += layer.scaling * layer.B.weight @ layer.A.weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, merged)
 
 
-class AdaptersOff(nn.Module):
-    """The policy with every adapter switched off for the call: under LoRA, the reference model pi_ref at no cost.
-    W never trains, so the policy with its adapters off is, at every step of the run, the model the run loaded:
-    for every --num_iterations the reference stays that base model (after a cold start too, whose adapters
-    it leaves out, as TRL with peft does), where full fine-tuning copies the policy at each iteration's start."""
+def lora_reference_model(policy: nn.Module) -> nn.Module:
+    """The reference model of a policy with adapters: a frozen copy of it that shares every frozen weight with it
+    and copies only the adapters (MBs, not GBs). W never trains, so sharing it is exact: the reference is the policy
+    as it is now, as make_reference_model's full copy would be. At the start of a run B = 0, and it computes exactly
+    the loaded model: the policy with its adapters off. After a cold start it is the cold-started policy, and at each
+    --num_iterations start the policy then."""
+    frozen = {id(p): p for p in policy.parameters() if not p.requires_grad}  # deepcopy's memo: these are not copied
+    return copy.deepcopy(policy, memo=frozen).eval().requires_grad_(False)
 
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        self.policy = policy
 
-    def forward(self, **inputs):
-        for layer in lora_layers(self.policy):
-            layer.enabled = False
-        try:
-            return self.policy(**inputs)
-        finally:
-            for layer in lora_layers(self.policy):
-                layer.enabled = True
+def lora_state(model: nn.Module) -> dict:
+    """The adapters' weights alone, by name: what a checkpoint of a policy or reference model with LoRA holds."""
+    return {name: value for name, value in model.state_dict().items() if name.endswith((".A.weight", ".B.weight"))}
 
 
 # ================================================================================================
@@ -1149,16 +1146,17 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, re
     partial = final + ".tmp"
     shutil.rmtree(partial, ignore_errors=True)
     tokenizer.save_pretrained(partial)
-    if lora_layers(policy):  # requires_grad: the adapters, all that trains
-        torch.save({n: p for n, p in policy.named_parameters() if p.requires_grad}, os.path.join(partial, "adapters.pt"))
+    if lora_layers(policy):
+        torch.save(lora_state(policy), os.path.join(partial, "adapters.pt"))
     else:
         policy.save_pretrained(partial)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, **extra},
                os.path.join(partial, "training_state.pt"))
-    if reference is not None and not isinstance(reference, AdaptersOff):  # LoRA's is the frozen weights
-        torch.save(reference.state_dict(), os.path.join(partial, "reference_model.pt"))
+    if reference is not None:  # LoRA: its adapters (its other weights are the policy's)
+        torch.save(lora_state(reference) if lora_layers(reference) else reference.state_dict(),
+                   os.path.join(partial, "reference_model.pt"))
     shutil.rmtree(final, ignore_errors=True)  # an older save of the same step
     os.replace(partial, final)
     for old in list_checkpoints(output_dir)[:-save_total_limit]:
@@ -1281,17 +1279,17 @@ class RunControl:
         reference = None
         if beta != 0.0 and state["step"] < total_steps:  # the iteration's reference (replaced when one starts)
             reference = self.reference_model(policy, amp_dtype)  # none saved (--beta 0 then): the resumed policy
-            if state["reference"] is not None:
-                reference.load_state_dict(state.pop("reference"))
+            if state["reference"] is not None:  # LoRA: its adapters alone
+                reference.load_state_dict(state.pop("reference"), strict=not lora_layers(policy))
         finished = ": this run is finished; a larger --num_steps (counted from its start) trains it further"
         print(f"resumed from {state['path']} at step {state['step']}/{total_steps}"
               f"{finished if state['step'] >= total_steps else ''}")
         return state["step"], reference
 
     def reference_model(self, policy: nn.Module, amp_dtype: torch.dtype | None) -> nn.Module:
-        """make_reference_model(policy, amp_dtype), or for a policy with LoRA adapters (engineering A) no copy at
-        all: AdaptersOff(policy), the policy with its adapters switched off."""
-        return AdaptersOff(policy) if lora_layers(policy) else make_reference_model(policy, amp_dtype)
+        """make_reference_model(policy, amp_dtype), or for a policy with LoRA adapters (engineering A) one that
+        shares its frozen weights: lora_reference_model(policy)."""
+        return lora_reference_model(policy) if lora_layers(policy) else make_reference_model(policy, amp_dtype)
 
     def end_step(self, record: dict, sample: tuple, policy, tokenizer, optimizer, reference) -> None:
         """Print the step's line (every log_completions_steps steps also details and a sample), append it to
@@ -1526,7 +1524,7 @@ class Session:
         policy, tokenizer = load_model_and_tokenizer(  # a LoRA checkpoint holds the adapters, not the weights
             args.model_name if args.lora_rank else checkpoint or args.model_name, self.parallel.device)
         if args.lora_rank:  # engineering A: the loaded weights frozen, low-rank adapters trained
-            add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets.replace(" ", "").split(","),
+            add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets.split(","),
                      torch.bfloat16 if args.bf16 else None)
         resume = load_training_state(checkpoint, self.parallel.device) if checkpoint else None
         return policy, tokenizer, train_examples, eval_examples, resume
@@ -1806,6 +1804,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if given:
         parser.error(f"--{given[0]} has no effect with --loss_type {args.loss_type} (cispo's one knob is its cap, "
                      "1 + --epsilon_high; sapo's are --sapo_temperature_pos/_neg; --delta is for grpo, dapo, dr_grpo)")
+    args.lora_targets = args.lora_targets.replace(" ", "")  # "q_proj, v_proj" as "q_proj,v_proj" (args.json too)
     lora_flags = [name for name in ("lora_alpha", "lora_targets") if getattr(args, name) != parser.get_default(name)]
     if lora_flags and not args.lora_rank:
         parser.error(f"--{lora_flags[0]} has no effect without --lora_rank (0: full fine-tuning, no adapters)")
@@ -1844,7 +1843,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         policy, tokenizer, train_examples, eval_examples = session.load()
         session.evaluate("before", policy, tokenizer, eval_examples)
         if args.sft_steps and not session.resumed:  # a resumed run's checkpoint holds the cold-started weights
-            with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and args.lora_rank > 0):  # LoRA's bf16 W
+            with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and args.lora_rank > 0):  # bf16 frozen W
                 cold_start(policy, tokenizer, train_examples, steps=args.sft_steps, batch_size=args.sft_batch_size,
                            learning_rate=args.sft_learning_rate, seed=args.seed)
             session.evaluate("after_cold_start", policy, tokenizer, eval_examples)

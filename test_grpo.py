@@ -988,7 +988,7 @@ def _with_lora(model, add=True):
     return model
 
 
-def test_lora_starts_exactly_at_the_base_model_and_adapters_off_is_the_base_model(tiny):
+def test_lora_starts_exactly_at_the_base_model_and_its_reference_copies_only_the_adapters(tiny):
     model, tokenizer = tiny
     ids = prompt_ids_for(tokenizer, copies=2)
     base = _logits(model, ids)
@@ -996,10 +996,15 @@ def test_lora_starts_exactly_at_the_base_model_and_adapters_off_is_the_base_mode
     assert len(grpo.lora_layers(model)) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
     assert torch.equal(_logits(model, ids), base)  # B = 0: exactly the base model's outputs
     assert all(layer.A.weight.abs().sum() > 0 for layer in grpo.lora_layers(model))  # A random
-    _with_lora(model, add=False)  # adapters that have moved: the policy differs, its adapters-off self does not
-    assert not torch.allclose(_logits(model, ids), base)
-    assert torch.equal(_logits(grpo.AdaptersOff(model), ids), base)
-    assert all(layer.enabled for layer in grpo.lora_layers(model))  # switched back on after the call
+    reference = grpo.lora_reference_model(model)
+    policy_tensors = {id(p) for p in model.parameters()}
+    shared = {name for name, p in reference.named_parameters() if id(p) in policy_tensors}
+    assert shared == {name for name, p in model.named_parameters() if not p.requires_grad}  # no weight copied
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert torch.equal(_logits(reference, ids), base)  # at the start: exactly the loaded model
+    _with_lora(model, add=False)  # the policy's adapters move, the reference's copy does not
+    assert not torch.allclose(_logits(model, ids), base) and torch.equal(_logits(reference, ids), base)
+    assert torch.equal(_logits(grpo.lora_reference_model(model), ids), _logits(model, ids))  # a new one: the policy now
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -1017,19 +1022,25 @@ def test_lora_gradients_reach_the_adapters_and_nothing_else(tiny, checkpointing)
     assert {name for name, p in model.named_parameters() if p.requires_grad} == adapters
 
 
-def test_lora_training_moves_only_the_adapters_and_uses_no_reference_copy(tiny, tiny_dir, monkeypatch):
+def test_lora_trains_only_the_adapters_against_the_policy_at_each_iterations_start(tiny, tiny_dir, monkeypatch):
     model, tokenizer = tiny
     examples = grpo.load_gsm8k(write_jsonl(os.path.join(tiny_dir, "lora.jsonl"), arithmetic_rows(8)))
     grpo.add_lora(model, 4, 8.0, grpo.LORA_TARGETS.split(","))
     frozen = {name: p.clone() for name, p in model.named_parameters() if not p.requires_grad}
     ids = prompt_ids_for(tokenizer)
-    base = _logits(model, ids)
-    monkeypatch.setattr(grpo, "make_reference_model", lambda *args: pytest.fail("a reference copy was made"))
+    base, made, make = _logits(model, ids), [], grpo.lora_reference_model
+    monkeypatch.setattr(grpo, "make_reference_model", lambda *args: pytest.fail("a full reference copy was made"))
+
+    def record(policy):  # each reference, and the policy's outputs when it was made
+        made.append((make(policy), _logits(policy, ids)))
+        return made[-1][0]
+
+    monkeypatch.setattr(grpo, "lora_reference_model", record)
     history = _train(model, tokenizer, examples, num_steps=2, num_iterations=2, batch_size=2, learning_rate=1e-2)
-    assert history[-1]["kl"] > 0  # the KL term is on: its reference is the policy with its adapters off
+    assert history[-1]["kl"] > 0 and len(made) == 2  # one reference per iteration
+    assert torch.equal(made[0][1], base) and not torch.equal(made[1][1], base)
+    assert all(torch.equal(_logits(reference, ids), then) for reference, then in made)  # frozen since
     assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
-    assert not torch.equal(_logits(model, ids), base)  # the adapters trained...
-    assert torch.equal(_logits(grpo.AdaptersOff(model), ids), base)  # ...and the reference is still the base model
 
 
 def test_merged_lora_is_the_adapted_model_and_loads_with_from_pretrained(tiny, tmp_path):
@@ -1066,10 +1077,12 @@ def test_lora_and_its_adapters_off_run_on_a_dataparallel_replica(tiny, monkeypat
     score = lambda module: module(ids, torch.ones_like(ids), 4)  # (2, 4) log-probs of the last 4 tokens
     with torch.no_grad():
         base = score(grpo.LogProbModule(model, temperature=1.0))
-        _with_lora(model)
-        for module in (grpo.LogProbModule(model, 1.0), grpo.LogProbModule(grpo.AdaptersOff(model), 1.0)):
+        grpo.add_lora(model, 4, 8.0, grpo.LORA_TARGETS.split(","))
+        reference = grpo.lora_reference_model(model)
+        _with_lora(model, add=False)
+        for module in (grpo.LogProbModule(model, 1.0), grpo.LogProbModule(reference, 1.0)):
             assert torch.equal(score(_fake_replicate(module, monkeypatch)), score(module))
-        assert torch.equal(score(grpo.LogProbModule(grpo.AdaptersOff(model), 1.0)), base)
+        assert torch.equal(score(grpo.LogProbModule(reference, 1.0)), base)
 
 
 def test_the_optimizer_is_fused_on_gpu(tiny):
@@ -1729,8 +1742,8 @@ def test_resume_gives_the_same_result_as_never_stopping(tiny_dir, tmp_path, monk
     assert [os.path.basename(p) for p in grpo.list_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
     assert [m["step"] for m in _metrics(tmp_path / "resumed")] == [1, 2]
     saved = set(os.listdir(tmp_path / "resumed" / "checkpoint-2"))  # LoRA: the adapters, not the weights
-    assert ("adapters.pt" in saved, "model.safetensors" in saved, "reference_model.pt" in saved) == (
-        (True, False, False) if lora else (False, True, True))
+    assert {"training_state.pt", "reference_model.pt"} <= saved  # LoRA's reference: its adapters
+    assert ("adapters.pt" in saved, "model.safetensors" in saved) == ((True, False) if lora else (False, True))
     monkeypatch.undo()
     grpo.main(_run_flags(tiny_dir, data, tmp_path / "resumed", *lora, "--resume_from", "latest"))
 
