@@ -1139,9 +1139,9 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, optimizer, reference, extra: dict,
                     save_total_limit: int) -> str:
-    """Write checkpoint-{step}: weights and tokenizer (save_pretrained; under LoRA the adapters alone, adapters.pt),
-    optimizer state, the reference model, step, RNG states and `extra`, into a '.tmp' folder renamed into place (a
-    crash mid-save never leaves a checkpoint that looks whole). Keeps the newest save_total_limit checkpoints."""
+    """Write checkpoint-{step}: weights and tokenizer (save_pretrained; LoRA: the adapters, adapters.pt), optimizer
+    state, the reference model (LoRA: its adapters), step, RNG states and `extra`, into a '.tmp' folder renamed into
+    place (a crash mid-save never leaves a checkpoint that looks whole). Keeps the newest save_total_limit of them."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     partial = final + ".tmp"
     shutil.rmtree(partial, ignore_errors=True)
@@ -1688,7 +1688,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples = """examples:
     python grpo.py --num_generations 4 --mu 3                       # the real run (GPU: all visible GPUs)
     CUDA_VISIBLE_DEVICES=0 python grpo.py                           # one GPU
-    python grpo.py --lora_rank 16 --learning_rate 5e-5               # a 16-24 GB GPU: LoRA adapters
+    python grpo.py --lora_rank 16 --learning_rate 5e-5              # a 16-24 GB GPU: LoRA adapters
     torchrun --nproc_per_node 8 grpo.py --batch_size 8              # 8 GPUs, one process each (DDP)
     python grpo.py --model_name Qwen/Qwen2.5-0.5B-Instruct --device cpu --num_steps 2 --batch_size 1 \\
         --max_completion_length 32 --eval_size 4                    # CPU smoke run
@@ -1763,9 +1763,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("LoRA: train low-rank adapters, not the weights (engineering A)")
     g.add_argument("--lora_rank", type=non_negative_int, default=0, help="R > 0: adapters of rank R on --lora_targets, "
-                   "every loaded weight frozen (those projections in bf16 with --bf16), pi_ref the policy with its "
-                   "adapters off (the loaded model for the whole run, no copy); wants a ~10x larger --learning_rate "
-                   "(e.g. 5e-5). 0 = full fine-tuning")
+                   "every loaded weight frozen (those projections in bf16 with --bf16) and shared with the reference "
+                   "model, which copies only the adapters; wants a ~10x larger --learning_rate (e.g. 5e-5). 0 = full "
+                   "fine-tuning")
     g.add_argument("--lora_alpha", type=positive_float, default=32.0, help="the adapters' scale is alpha / R")
     g.add_argument("--lora_targets", default=LORA_TARGETS, help="the linear layers that get adapters, by the last "
                    "part of their name; the default: every attention and MLP projection of Qwen2 and Llama")
