@@ -850,6 +850,7 @@ class LoRALinear(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    """model's LoRALinear layers ([] for a model without adapters: full fine-tuning)."""
     return [module for module in model.modules() if isinstance(module, LoRALinear)]
 
 
